@@ -1,0 +1,8 @@
+"""``python -m trioai``: the same as the ``trioai`` command."""
+
+import sys
+
+from .cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,148 @@
+"""Server settings: one frozen dataclass, filled from defaults < TOML file < ``TRIOAI_*`` env < CLI.
+
+Each field's ``help`` metadata is the single description of a setting: the command line, the
+environment variable (``TRIOAI_`` + the name in capitals) and the config file key (the name, with
+``_`` or ``-``) are all derived from the fields, so they cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .protocol import Limits
+
+ENV_PREFIX = "TRIOAI_"
+
+
+class ConfigError(ValueError):
+    """A setting has a wrong name, type or value; the message says which and why."""
+
+
+def _setting(default: Any, help: str, *, minimum: float | None = None) -> Any:
+    return field(default=default, metadata={"help": help, "minimum": minimum})
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the server can be told; see ``trioai serve --help``."""
+
+    host: str = _setting("127.0.0.1", "interface to listen on")
+    port: int = _setting(8080, "WebSocket port (0 picks a free one)", minimum=0)
+    upstream: str | None = _setting(
+        None,
+        "base URL of an OpenAI-compatible API, e.g. http://127.0.0.1:8000/v1 for vLLM "
+        "(unset: start the embedded local engine)",
+    )
+    upstream_api_key: str | None = _setting(None, "bearer token sent to the upstream (never logged)")
+    model: str | None = _setting(None, "model name to request (unset: the first one the upstream lists)")
+    max_concurrency: int = _setting(16, "generations running upstream at once, across all clients", minimum=1)
+    max_streams_per_connection: int = _setting(8, "generations one connection may run at once", minimum=1)
+    max_message_size: int = _setting(1 << 20, "largest client frame in bytes (larger: close 1009)", minimum=1024)
+    max_messages: int = _setting(256, "most entries in a request's 'messages'", minimum=1)
+    max_tokens_limit: int = _setting(8192, "largest 'max_tokens' a client may ask for", minimum=1)
+    default_max_tokens: int | None = _setting(None, "max_tokens when a client sends none (unset: engine's)")
+    connect_timeout: float = _setting(5.0, "seconds to connect to the upstream", minimum=0.001)
+    first_token_timeout: float = _setting(
+        120.0, "seconds from sending a request upstream to its first token", minimum=0.001
+    )
+    token_timeout: float = _setting(30.0, "seconds allowed between two tokens", minimum=0.001)
+    handshake_timeout: float = _setting(10.0, "seconds a client has to finish the WebSocket handshake", minimum=0.001)
+    close_timeout: float = _setting(5.0, "seconds to wait for the WebSocket closing handshake", minimum=0.001)
+    stream_buffer_bytes: int = _setting(
+        65536, "unsent text per stream before the engine is made to wait (slow clients)", minimum=1024
+    )
+    local_model: str | None = _setting(None, "GGUF file for the embedded engine (unset: bundled Gemma 3 270M)")
+    local_port: int = _setting(0, "port of the embedded engine on 127.0.0.1 (0 picks a free one)", minimum=0)
+    local_threads: int | None = _setting(None, "CPU threads of the embedded engine (unset: all cores)", minimum=1)
+    local_ctx: int = _setting(2048, "context length of the embedded engine", minimum=256)
+    local_start_timeout: float = _setting(180.0, "seconds the embedded engine has to start", minimum=1.0)
+    log_level: str = _setting("info", "debug, info, warning or error")
+
+    def limits(self) -> Limits:
+        """The protocol's validation bounds."""
+        return Limits(
+            max_messages=self.max_messages,
+            max_tokens_limit=self.max_tokens_limit,
+            default_max_tokens=self.default_max_tokens,
+        )
+
+
+def setting_fields() -> list[dataclasses.Field[Any]]:
+    """The fields of :class:`Settings`, in declaration order."""
+    return list(dataclasses.fields(Settings))
+
+
+def field_type(f: dataclasses.Field[Any]) -> type:
+    """The base type of a setting (``int`` for ``int | None``)."""
+    hint = typing.get_type_hints(Settings)[f.name]
+    if isinstance(hint, types.UnionType):
+        (hint,) = [a for a in typing.get_args(hint) if a is not type(None)]
+    assert isinstance(hint, type)
+    return hint
+
+
+def convert(f: dataclasses.Field[Any], value: Any, source: str) -> Any:
+    """Check and convert one value (a string from env/CLI, or a TOML value) for field ``f``."""
+    kind = field_type(f)
+    optional = isinstance(typing.get_type_hints(Settings)[f.name], types.UnionType)
+    if isinstance(value, str) and kind is not str:
+        text = value.strip()
+        if optional and text.lower() in ("", "none", "null"):
+            return None
+        try:
+            value = kind(text)
+        except ValueError:
+            raise ConfigError(f"{source}: {f.name} must be {kind.__name__}, got {value!r}") from None
+    if value is None and optional:
+        return None
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, kind) or isinstance(value, bool):
+        raise ConfigError(f"{source}: {f.name} must be {kind.__name__}, got {value!r}")
+    minimum = f.metadata.get("minimum")
+    if minimum is not None and value < minimum:
+        raise ConfigError(f"{source}: {f.name} must be at least {minimum}, got {value!r}")
+    return value
+
+
+def load_settings(
+    cli: Mapping[str, Any] | None = None,
+    env: Mapping[str, str] | None = None,
+    config_file: str | Path | None = None,
+) -> Settings:
+    """Merge the sources (later wins): defaults, the TOML file, ``TRIOAI_*`` variables, ``cli``.
+
+    ``cli`` maps field names to values already given on the command line (absent means unset).
+    Raises :class:`ConfigError` for unknown keys or bad values.
+    """
+    fields = {f.name: f for f in setting_fields()}
+    values: dict[str, Any] = {}
+    if config_file is not None:
+        try:
+            with open(config_file, "rb") as fh:
+                data = tomllib.load(fh)
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"cannot read config file {config_file}: {exc}") from None
+        for key, value in data.items():
+            name = key.replace("-", "_")
+            if name not in fields:
+                raise ConfigError(f"{config_file}: unknown setting {key!r}")
+            values[name] = convert(fields[name], value, str(config_file))
+    for name, f in fields.items():
+        raw = (env or {}).get(ENV_PREFIX + name.upper())
+        if raw is not None:
+            values[name] = convert(f, raw, ENV_PREFIX + name.upper())
+    for name, value in (cli or {}).items():
+        if name not in fields:
+            raise ConfigError(f"unknown setting {name!r}")
+        values[name] = convert(fields[name], value, "--" + name.replace("_", "-"))
+    if values.get("log_level", "info") not in ("debug", "info", "warning", "error"):
+        raise ConfigError(f"log_level must be debug, info, warning or error, got {values['log_level']!r}")
+    return Settings(**values)

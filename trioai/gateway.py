@@ -1,0 +1,129 @@
+"""What all connections share, and the life of one generation from admission to its last token.
+
+:class:`Gateway` holds the settings, the upstream client, the global admission limiter and the model
+name (asked of the engine once when not configured). :meth:`Gateway.generate` runs one request:
+``start``, ``queued`` while waiting for capacity, each delta as ``token``, and returns the terminal
+event (``done`` or ``error``) for the caller to send. Cancellation is the caller's: it runs this
+inside the request's cancel scope, and leaving the ``stream_chat`` block closes the upstream stream.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Protocol
+
+import trio
+
+from .admission import Admission
+from .config import Settings
+from .errors import ErrorCode, UpstreamError
+from .outbox import StreamSender
+from .protocol import ChatRequest, Done, Error, RequestId, Started, Usage
+from .upstream import Upstream
+
+log = logging.getLogger("trioai.gateway")
+
+
+class EngineWatch(Protocol):
+    """A supervisor that can tell whether a broken stream means its engine died."""
+
+    async def explain(self, exc: UpstreamError) -> UpstreamError:
+        """The error to report for ``exc`` (``upstream_unavailable`` when the engine is down)."""
+        ...
+
+
+@dataclass
+class RequestStats:
+    """Timings and counts of one request, filled in as it runs (read for the log line)."""
+
+    received_at: float
+    admitted_at: float | None = None
+    first_token_at: float | None = None
+    last_token_at: float | None = None
+    deltas: int = 0
+
+    @property
+    def ttft_ms(self) -> float | None:
+        """Milliseconds from receiving the request to its first token, queueing included."""
+        if self.first_token_at is None:
+            return None
+        return (self.first_token_at - self.received_at) * 1000.0
+
+
+class Gateway:
+    """Shared services of one server: settings, upstream, admission, model name."""
+
+    def __init__(self, settings: Settings, upstream: Upstream, *, engine: EngineWatch | None = None) -> None:
+        self.settings = settings
+        self.upstream = upstream
+        self.engine = engine
+        self.limits = settings.limits()
+        self.admission = Admission(settings.max_concurrency)
+        self._model = settings.model
+        self._model_lock = trio.Lock()
+
+    async def model(self) -> str:
+        """The model to request: configured, or the first the engine lists (asked once)."""
+        if self._model is not None:
+            return self._model
+        async with self._model_lock:
+            if self._model is None:
+                models = await self.upstream.list_models()
+                if not models:
+                    raise UpstreamError(ErrorCode.UPSTREAM_ERROR, "engine lists no models")
+                self._model = models[0]
+                log.info("using model %s (first listed by the engine)", self._model)
+        return self._model
+
+    async def generate(
+        self, request: ChatRequest, request_id: RequestId, sender: StreamSender, stats: RequestStats
+    ) -> Done | Error:
+        """Run one generation, sending its events through ``sender``; return its terminal event."""
+        try:
+            model = await self.model()
+            sender.event(Started(request_id, model))
+            async with self.admission.slot(sender.queued):
+                stats.admitted_at = trio.current_time()
+                return await self._relay(request, request_id, model, sender, stats)
+        except UpstreamError as exc:
+            if self.engine is not None:
+                exc = await self.engine.explain(exc)
+            return Error(request_id, exc.code.value, exc.message, exc.param, exc.retry_after)
+
+    async def _relay(
+        self, request: ChatRequest, request_id: RequestId, model: str, sender: StreamSender, stats: RequestStats
+    ) -> Done:
+        payload: dict[str, object] = {"model": model, "messages": [dict(m) for m in request.messages]}
+        if request.max_tokens is not None:
+            payload["max_tokens"] = request.max_tokens
+        payload.update(request.sampling.to_payload())
+        finish_reason: str | None = None
+        prompt_tokens: int | None = None
+        completion_tokens: int | None = None
+        async with self.upstream.stream_chat(payload) as chunks:
+            async for chunk in chunks:
+                if chunk.content:
+                    now = trio.current_time()
+                    if stats.first_token_at is None:
+                        stats.first_token_at = now
+                    stats.last_token_at = now
+                    stats.deltas += 1
+                    await sender.token(chunk.content)
+                if chunk.finish_reason is not None:
+                    finish_reason = chunk.finish_reason
+                if chunk.has_usage:
+                    prompt_tokens, completion_tokens = chunk.prompt_tokens, chunk.completion_tokens
+        if completion_tokens is None:
+            usage = Usage(None, stats.deltas, source="gateway")
+        else:
+            usage = Usage(prompt_tokens, completion_tokens)
+        return Done(request_id, finish_reason, usage, stats.ttft_ms, _decode_rate(usage.completion_tokens, stats))
+
+
+def _decode_rate(tokens: int, stats: RequestStats) -> float | None:
+    """Tokens per second after the first one (the engine's decode speed as the client saw it)."""
+    if stats.first_token_at is None or stats.last_token_at is None or tokens < 2:
+        return None
+    elapsed = stats.last_token_at - stats.first_token_at
+    return (tokens - 1) / elapsed if elapsed > 0 else None

@@ -1,0 +1,173 @@
+"""What one connection has yet to send: ordered, bounded, and coalescing.
+
+Only the session's writer task writes to the WebSocket. Generation tasks and the receive task hand it
+events through an :class:`Outbox`, because a task cancelled in the middle of ``send_all`` would
+leave half a frame on the wire and corrupt the connection for every other stream on it.
+
+Ordering: one FIFO of items. A stream's unsent tokens live in a single slot that sits in the FIFO
+where its first unsent token arrived; later tokens join that slot until the writer takes it, and the
+writer sends the whole slot as one ``token`` event (content concatenated in order: a client reading
+slower than the engine writes gets fewer, larger events and loses nothing). A stream's terminal
+event is appended after its slot, so no token can follow it. ``queued`` positions keep only the
+latest unsent value.
+
+Bounds: a stream's slot holds at most ``stream_buffer_bytes`` characters before the generation waits
+(which in turn stops reading from the engine); connection-level events (errors for bad frames,
+pongs) wait when ``max_control`` are unsent, which stops the receive task from reading. So a
+client that does not read cannot make the server buffer without limit.
+"""
+
+from __future__ import annotations
+
+import collections
+from typing import Final
+
+import trio
+
+from .protocol import TERMINAL_EVENTS, Queued, RequestId, ServerEvent, encode, encode_id, encode_token
+
+DEFAULT_MAX_CONTROL: Final = 64
+
+
+class _TokenSlot:
+    __slots__ = ("id_json", "parts", "size", "queued", "drained")
+
+    def __init__(self, id_json: str) -> None:
+        self.id_json = id_json
+        self.parts: list[str] = []
+        self.size = 0
+        self.queued = False
+        self.drained: trio.Event | None = None
+
+    def take(self) -> str:
+        parts = self.parts
+        frame = encode_token(self.id_json, parts[0] if len(parts) == 1 else "".join(parts))
+        self.parts = []
+        self.size = 0
+        self.queued = False
+        if self.drained is not None:
+            self.drained.set()
+            self.drained = None
+        return frame
+
+
+class _QueuedSlot:
+    __slots__ = ("request_id", "position", "queued")
+
+    def __init__(self, request_id: RequestId) -> None:
+        self.request_id = request_id
+        self.position = 0
+        self.queued = False
+
+    def take(self) -> str:
+        self.queued = False
+        return encode(Queued(self.request_id, self.position))
+
+
+class _Control:
+    __slots__ = ("frame",)
+
+    def __init__(self, frame: str) -> None:
+        self.frame = frame
+
+
+_Item = str | _TokenSlot | _QueuedSlot | _Control
+
+
+class Outbox:
+    """The FIFO of frames one connection's writer task sends, in order."""
+
+    def __init__(self, stream_buffer_bytes: int = 65536, max_control: int = DEFAULT_MAX_CONTROL) -> None:
+        self.stream_buffer_bytes = stream_buffer_bytes
+        self.max_control = max_control
+        self._items: collections.deque[_Item] = collections.deque()
+        self._control_pending = 0
+        self._writer_lot = trio.lowlevel.ParkingLot()
+        self._control_lot = trio.lowlevel.ParkingLot()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def stream(self, request_id: RequestId) -> StreamSender:
+        """A sender for one request's events."""
+        return StreamSender(self, request_id)
+
+    async def send_control(self, event: ServerEvent) -> None:
+        """Queue a connection-level event; waits while ``max_control`` are unsent."""
+        while self._control_pending >= self.max_control:
+            await self._control_lot.park()
+        await trio.lowlevel.checkpoint_if_cancelled()
+        self._control_pending += 1
+        self._push(_Control(encode(event)))
+
+    def _push(self, item: _Item) -> None:
+        self._items.append(item)
+        if self._writer_lot:
+            self._writer_lot.unpark()
+
+    async def next_frame(self) -> str:
+        """The next frame to send (for the writer task); waits while there is none."""
+        items = self._items
+        while not items:
+            await self._writer_lot.park()
+        item = items.popleft()
+        if type(item) is str:
+            return item
+        if type(item) is _Control:
+            self._control_pending -= 1
+            self._control_lot.unpark()
+            return item.frame
+        assert isinstance(item, _TokenSlot | _QueuedSlot)
+        return item.take()
+
+
+class StreamSender:
+    """Puts one request's events into the outbox; after its terminal event, nothing more."""
+
+    __slots__ = ("request_id", "_outbox", "_tokens", "_queued", "finished")
+
+    def __init__(self, outbox: Outbox, request_id: RequestId) -> None:
+        self.request_id = request_id
+        self._outbox = outbox
+        self._tokens = _TokenSlot(encode_id(request_id))
+        self._queued: _QueuedSlot | None = None
+        self.finished = False
+
+    def event(self, event: ServerEvent) -> None:
+        """Queue a non-token event (``start``, or a terminal one, which finishes the stream)."""
+        if self.finished:
+            raise RuntimeError(f"stream {self.request_id!r} already ended")
+        if isinstance(event, TERMINAL_EVENTS):
+            self.finished = True
+        self._outbox._push(encode(event))
+
+    def queued(self, position: int) -> None:
+        """Report a queue position; an unsent earlier position is replaced, not repeated."""
+        if self.finished:
+            return
+        slot = self._queued
+        if slot is None:
+            slot = self._queued = _QueuedSlot(self.request_id)
+        slot.position = position
+        if not slot.queued:
+            slot.queued = True
+            self._outbox._push(slot)
+
+    async def token(self, content: str) -> None:
+        """Queue generated text; waits while this stream's unsent text is over its bound.
+
+        Not a checkpoint unless it waits: it is on the per-token path, whose caller has just
+        awaited the engine.
+        """
+        if self.finished:
+            raise RuntimeError(f"stream {self.request_id!r} already ended")
+        slot = self._tokens
+        slot.parts.append(content)
+        slot.size += len(content)
+        if not slot.queued:
+            slot.queued = True
+            self._outbox._push(slot)
+        if slot.size >= self._outbox.stream_buffer_bytes:
+            if slot.drained is None:
+                slot.drained = trio.Event()
+            await slot.drained.wait()

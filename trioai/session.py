@@ -1,0 +1,176 @@
+"""One WebSocket connection: a receive loop, a writer task, and a task per generation.
+
+Task tree (the session nursery owns every task of the connection)::
+
+    Session.run                    receive loop: parse, dispatch, answer pings, never blocked by a generation
+    └── session nursery
+        ├── _write_loop            the only task that writes to the WebSocket (see outbox.py)
+        └── _run_stream × N        one per active request, each inside its own CancelScope
+
+``cancel`` cancels that request's scope: whatever it awaits (the engine, capacity, a full buffer)
+raises ``Cancelled`` at once, leaving ``stream_chat`` closes the upstream response, and the task then
+queues ``cancelled``. When the client goes away, the receive loop ends and the whole nursery is
+cancelled the same way, so no generation outlives its connection.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Final
+
+import trio
+from trio_websocket import ConnectionClosed, WebSocketConnection
+
+from .errors import ErrorCode, ProtocolError
+from .gateway import Gateway, RequestStats
+from .outbox import Outbox, StreamSender
+from .protocol import (
+    Cancelled,
+    CancelRequest,
+    ChatRequest,
+    Done,
+    Error,
+    PingRequest,
+    Pong,
+    RequestId,
+    error_from,
+    parse_client_event,
+)
+
+log = logging.getLogger("trioai.session")
+
+SERVER_ID_PREFIX: Final = "r"
+
+
+class Session:
+    """The protocol state of one connection: its active streams and its outbox."""
+
+    def __init__(self, ws: WebSocketConnection, gateway: Gateway, conn_id: int) -> None:
+        self.ws = ws
+        self.gateway = gateway
+        self.conn_id = conn_id
+        self.outbox = Outbox(gateway.settings.stream_buffer_bytes)
+        self.active: dict[RequestId, trio.CancelScope] = {}
+        self._next_id = 0
+        self.requests = 0
+
+    async def run(self) -> None:
+        """Serve the connection until the client leaves; every task is gone when this returns."""
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._write_loop, nursery.cancel_scope)
+            try:
+                await self._receive_loop(nursery)
+            finally:
+                nursery.cancel_scope.cancel()
+
+    async def _receive_loop(self, nursery: trio.Nursery) -> None:
+        limits = self.gateway.limits
+        while True:
+            try:
+                data = await self.ws.get_message()
+            except ConnectionClosed:
+                return
+            try:
+                event = parse_client_event(data, limits)
+            except ProtocolError as exc:
+                await self.outbox.send_control(error_from(exc))
+                continue
+            if isinstance(event, ChatRequest):
+                await self._start_stream(nursery, event)
+            elif isinstance(event, CancelRequest):
+                await self._cancel(event.id)
+            elif isinstance(event, PingRequest):
+                await self.outbox.send_control(Pong(event.id))
+
+    async def _start_stream(self, nursery: trio.Nursery, request: ChatRequest) -> None:
+        settings = self.gateway.settings
+        if request.id is not None and request.id in self.active:
+            await self.outbox.send_control(
+                Error(request.id, ErrorCode.DUPLICATE_ID, f"request {request.id!r} is still active", "id")
+            )
+            return
+        if len(self.active) >= settings.max_streams_per_connection:
+            await self.outbox.send_control(
+                Error(
+                    request.id,
+                    ErrorCode.TOO_MANY_STREAMS,
+                    f"this connection already runs {settings.max_streams_per_connection} generations; "
+                    "wait for one to end or cancel one",
+                )
+            )
+            return
+        request_id = request.id if request.id is not None else self._assign_id()
+        scope = trio.CancelScope()
+        self.active[request_id] = scope
+        self.requests += 1
+        stats = RequestStats(received_at=trio.current_time())
+        nursery.start_soon(self._run_stream, request, request_id, scope, stats)
+
+    def _assign_id(self) -> str:
+        while True:
+            self._next_id += 1
+            candidate = f"{SERVER_ID_PREFIX}{self._next_id}"
+            if candidate not in self.active:
+                return candidate
+
+    async def _cancel(self, request_id: RequestId | None) -> None:
+        if request_id is None:
+            if not self.active:
+                await self.outbox.send_control(
+                    Error(None, ErrorCode.NOTHING_TO_CANCEL, "no generation is active on this connection")
+                )
+            for scope in self.active.values():
+                scope.cancel()
+            return
+        found = self.active.get(request_id)
+        if found is None:
+            await self.outbox.send_control(
+                Error(request_id, ErrorCode.UNKNOWN_ID, f"no active generation has id {request_id!r}", "id")
+            )
+            return
+        found.cancel()
+
+    async def _run_stream(
+        self, request: ChatRequest, request_id: RequestId, scope: trio.CancelScope, stats: RequestStats
+    ) -> None:
+        sender = self.outbox.stream(request_id)
+        # Stays "aborted" when the connection itself ends: nothing can be sent then.
+        outcome = "aborted"
+        try:
+            with scope:
+                terminal = await self._generate(request, request_id, sender, stats)
+                outcome = f"error code={terminal.code}" if isinstance(terminal, Error) else "done"
+                sender.event(terminal)
+            if scope.cancelled_caught and not sender.finished:
+                outcome = "cancelled"
+                sender.event(Cancelled(request_id))
+        finally:
+            del self.active[request_id]
+            log.info(
+                "request conn=%d id=%s outcome=%s tokens=%d ttft_ms=%s duration_ms=%.0f",
+                self.conn_id,
+                request_id,
+                outcome,
+                stats.deltas,
+                "-" if stats.ttft_ms is None else f"{stats.ttft_ms:.0f}",
+                (trio.current_time() - stats.received_at) * 1000.0,
+            )
+
+    async def _generate(
+        self, request: ChatRequest, request_id: RequestId, sender: StreamSender, stats: RequestStats
+    ) -> Done | Error:
+        try:
+            return await self.gateway.generate(request, request_id, sender, stats)
+        except Exception:
+            # A bug of ours must cost one request, not the connection or the server.
+            log.exception("request conn=%d id=%s failed unexpectedly", self.conn_id, request_id)
+            return Error(request_id, ErrorCode.INTERNAL_ERROR, "internal error in the gateway")
+
+    async def _write_loop(self, session_scope: trio.CancelScope) -> None:
+        try:
+            while True:
+                frame = await self.outbox.next_frame()
+                await self.ws.send_message(frame)
+        except ConnectionClosed:
+            # The client is gone: stop the receive loop and every generation with it.
+            session_scope.cancel()

@@ -1,0 +1,266 @@
+"""The engine side: one shared ``httpx.AsyncClient`` to an OpenAI-compatible API.
+
+Resource handling: :meth:`Upstream.stream_chat` is an async context manager; leaving it (normally,
+by an exception, or by cancellation) closes the HTTP response, and closing an unfinished streaming
+response closes its connection, which is how vLLM learns to abort the request and free the GPU.
+
+Error handling: every httpx exception and every non-200 answer becomes an
+:class:`~trioai.errors.UpstreamError` with a code a client can act on (the mapping is
+:data:`HTTP_STATUS_CODES` and :func:`map_httpx_errors`, after httpcore's ``map_exceptions``).
+Only ``Exception`` is caught, so ``trio.Cancelled`` always passes. Engine messages are forwarded
+for 4xx answers (they describe the client's request, e.g. a too-long context); 5xx bodies are only
+logged, since they may hold internals, and our API key is never part of any message.
+
+Timeouts are the server's: ``connect_timeout`` for the TCP connect, ``first_token_timeout`` from
+sending the request to the first data event, ``token_timeout`` between data events after that.
+Keep-alive comment lines do not reset them: a stalled engine that only sends comments times out.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import logging
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from typing import Any, Final
+
+import httpx
+import trio
+
+from . import __version__
+from .errors import ErrorCode, UpstreamError
+from .sse import DONE, Chunk, SSEDecoder, parse_chunk
+
+log = logging.getLogger("trioai.upstream")
+
+# Statuses whose engine message describes the client's own request, so it is passed on.
+CLIENT_FAULT_STATUSES: Final = frozenset({400, 413, 422})
+HTTP_STATUS_CODES: Final[dict[int, tuple[ErrorCode, bool]]] = {
+    # status: (code the client sees, retryable)
+    408: (ErrorCode.UPSTREAM_TIMEOUT, True),
+    429: (ErrorCode.UPSTREAM_OVERLOADED, True),
+    502: (ErrorCode.UPSTREAM_UNAVAILABLE, True),
+    503: (ErrorCode.UPSTREAM_UNAVAILABLE, True),
+    504: (ErrorCode.UPSTREAM_TIMEOUT, True),
+}
+ERROR_BODY_LIMIT: Final = 64 * 1024
+MODELS_TIMEOUT: Final = 10.0
+
+
+@contextmanager
+def map_httpx_errors(phase: str) -> Iterator[None]:
+    """Turn httpx's exceptions into :class:`UpstreamError`; ``phase`` goes into the message."""
+    try:
+        yield
+    except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+        raise UpstreamError(
+            ErrorCode.UPSTREAM_UNAVAILABLE, f"cannot connect to the engine ({phase})", retryable=True
+        ) from exc
+    except httpx.TimeoutException as exc:
+        raise UpstreamError(ErrorCode.UPSTREAM_TIMEOUT, f"engine timed out ({phase})", retryable=True) from exc
+    except (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError, httpx.CloseError) as exc:
+        raise UpstreamError(
+            ErrorCode.UPSTREAM_DISCONNECTED, f"engine closed the connection ({phase})", retryable=phase != "stream"
+        ) from exc
+    except httpx.HTTPError as exc:
+        raise UpstreamError(ErrorCode.UPSTREAM_ERROR, f"engine request failed ({phase})") from exc
+
+
+class ChatStream:
+    """The chunks of one streaming chat completion, read with the server's timeouts.
+
+    Iterating yields each :class:`~trioai.sse.Chunk` up to (not including) ``[DONE]``; a stream that
+    ends without ``[DONE]`` raises ``upstream_disconnected``.
+    """
+
+    def __init__(self, response: httpx.Response, decoder: SSEDecoder, first_token_timeout: float,
+                 token_timeout: float) -> None:
+        self._response = response
+        self._raw = response.aiter_raw()
+        self._decoder = decoder
+        self._pending: collections.deque[Chunk] = collections.deque()
+        self._deadline = trio.current_time() + first_token_timeout
+        self._token_timeout = token_timeout
+        self._first = True
+        self._done = False
+
+    def __aiter__(self) -> ChatStream:
+        return self
+
+    async def __anext__(self) -> Chunk:
+        pending = self._pending
+        while not pending:
+            if self._done:
+                raise StopAsyncIteration
+            with trio.move_on_at(self._deadline) as scope, map_httpx_errors("stream"):
+                try:
+                    data = await self._raw.__anext__()
+                except StopAsyncIteration:
+                    raise UpstreamError(
+                        ErrorCode.UPSTREAM_DISCONNECTED, "engine ended the stream without [DONE]"
+                    ) from None
+            if scope.cancelled_caught:
+                what = "first token" if self._first else "next token"
+                raise UpstreamError(ErrorCode.UPSTREAM_TIMEOUT, f"engine sent no {what} in time", retryable=self._first)
+            events = self._decoder.feed(data)
+            if events:
+                self._deadline = trio.current_time() + self._token_timeout
+                self._first = False
+                for event in events:
+                    chunk = parse_chunk(event)
+                    if chunk is DONE:
+                        self._done = True
+                        break
+                    pending.append(chunk)
+        return pending.popleft()
+
+    async def aclose(self) -> None:
+        """Stop reading and close the HTTP response (and with it, an unfinished request)."""
+        try:
+            await self._raw.aclose()  # type: ignore[attr-defined]
+        finally:
+            await self._response.aclose()
+
+
+class Upstream:
+    """The shared client to one OpenAI-compatible engine (``base_url`` ends in ``/v1``)."""
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        api_key: str | None = None,
+        connect_timeout: float = 5.0,
+        first_token_timeout: float = 120.0,
+        token_timeout: float = 30.0,
+        max_connections: int = 64,
+        max_line_bytes: int = 1 << 20,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.first_token_timeout = first_token_timeout
+        self.token_timeout = token_timeout
+        self.max_line_bytes = max_line_bytes
+        # identity: the stream is read raw (no decompression step on the per-token path).
+        headers = {"user-agent": f"trioai/{__version__}", "accept-encoding": "identity"}
+        if api_key:
+            headers["authorization"] = f"Bearer {api_key}"
+        self._client = httpx.AsyncClient(
+            base_url=self.base_url + "/",
+            headers=headers,
+            # Read timeouts are ours (first/next token); httpx's would count keep-alive comments.
+            timeout=httpx.Timeout(connect=connect_timeout, read=None, write=connect_timeout, pool=connect_timeout),
+            limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
+            transport=transport,
+            trust_env=False,
+        )
+
+    async def __aenter__(self) -> Upstream:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Close every pooled connection."""
+        await self._client.aclose()
+
+    async def list_models(self) -> list[str]:
+        """The model ids ``GET /models`` lists, in order."""
+        with trio.move_on_after(MODELS_TIMEOUT) as scope, map_httpx_errors("listing models"):
+            response = await self._client.get("models")
+        if scope.cancelled_caught:
+            raise UpstreamError(ErrorCode.UPSTREAM_TIMEOUT, "engine did not list its models in time", retryable=True)
+        if response.status_code != 200:
+            raise _status_error(response.status_code, response.content, response.headers)
+        try:
+            data = response.json()["data"]
+            return [str(m["id"]) for m in data]
+        except (ValueError, KeyError, TypeError):
+            raise UpstreamError(ErrorCode.UPSTREAM_ERROR, "engine sent an invalid model list") from None
+
+    async def health(self) -> bool:
+        """True when the engine lists its models within the timeout."""
+        try:
+            await self.list_models()
+        except UpstreamError:
+            return False
+        return True
+
+    @asynccontextmanager
+    async def stream_chat(self, payload: dict[str, Any]) -> AsyncIterator[ChatStream]:
+        """POST a streaming chat completion; yield its chunks; close the response on exit."""
+        body = {**payload, "stream": True, "stream_options": {"include_usage": True}}
+        request = self._client.build_request("POST", "chat/completions", json=body)
+        with trio.move_on_after(self.first_token_timeout) as scope, map_httpx_errors("sending the request"):
+            response = await self._client.send(request, stream=True)
+        if scope.cancelled_caught:
+            raise UpstreamError(ErrorCode.UPSTREAM_TIMEOUT, "engine did not answer in time", retryable=True)
+        stream = ChatStream(response, SSEDecoder(self.max_line_bytes), self.first_token_timeout, self.token_timeout)
+        try:
+            if response.status_code != 200:
+                raise _status_error(response.status_code, await _read_bounded(response), response.headers)
+            yield stream
+        finally:
+            await stream.aclose()
+
+
+async def _read_bounded(response: httpx.Response) -> bytes:
+    """Up to ``ERROR_BODY_LIMIT`` bytes of an error body, within a few seconds."""
+    body = b""
+    with trio.move_on_after(MODELS_TIMEOUT):
+        try:
+            async for part in response.aiter_raw():
+                body += part
+                if len(body) >= ERROR_BODY_LIMIT:
+                    break
+        except httpx.HTTPError:
+            pass  # the status alone still says what happened
+    return body[:ERROR_BODY_LIMIT]
+
+
+def _status_error(status: int, body: bytes, headers: httpx.Headers) -> UpstreamError:
+    message, param = _engine_message(body)
+    if status in CLIENT_FAULT_STATUSES:
+        return UpstreamError(
+            ErrorCode.INVALID_REQUEST,
+            message or f"engine rejected the request (HTTP {status})",
+            status=status,
+            param=param,
+        )
+    log.warning("engine answered HTTP %d: %s", status, (message or body[:500].decode("utf-8", "replace")))
+    code, retryable = HTTP_STATUS_CODES.get(status, (ErrorCode.UPSTREAM_ERROR, False))
+    if status in (401, 403):
+        text = f"engine refused the gateway's credentials (HTTP {status})"
+    elif status == 404:
+        text = "engine has no such model or endpoint (HTTP 404)"
+    else:
+        text = f"engine answered HTTP {status}"
+    return UpstreamError(code, text, retryable=retryable, status=status, retry_after=_retry_after(headers))
+
+
+def _engine_message(body: bytes) -> tuple[str | None, str | None]:
+    """The human message and ``param`` of an OpenAI/vLLM/FastAPI error body, clipped."""
+    try:
+        obj = json.loads(body)
+    except (ValueError, RecursionError):
+        text = body.decode("utf-8", "replace").strip()
+        return (text[:1000] or None), None
+    detail = obj.get("error", obj) if isinstance(obj, dict) else obj
+    if isinstance(detail, dict):
+        message = detail.get("message") or detail.get("detail")
+        param = detail.get("param")
+        return (
+            (str(message)[:1000] if message else None),
+            (param if isinstance(param, str) else None),
+        )
+    return str(detail)[:1000], None
+
+
+def _retry_after(headers: httpx.Headers) -> float | None:
+    value = headers.get("retry-after")
+    try:
+        return max(0.0, float(value)) if value is not None else None
+    except ValueError:
+        return None
