@@ -202,8 +202,8 @@ class LocalEngine:
                 nursery.start_soon(self._watch_exit, process)
                 await self._wait_ready()
                 self._ready = True
-                log.info("engine ready in %.1f s at %s (model %s)", trio.current_time() - began, self.base_url,
-                         self.alias)
+                log.info("engine ready in %.1f s at %s (model %s, pid %d)", trio.current_time() - began,
+                         self.base_url, self.alias, process.pid)
                 if task_status is not None:
                     task_status.started(self.base_url)
                 await self._exited.wait()

@@ -1,0 +1,43 @@
+"""Fixtures: a fake OpenAI-compatible engine and a trioai server in front of it, both on 127.0.0.1."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import pytest
+import trio
+from trioai.fake_upstream import FakeUpstream
+
+from trioai.config import Settings
+from trioai.server import RunningServer, serve
+
+
+@pytest.fixture
+async def upstream(nursery: trio.Nursery) -> FakeUpstream:
+    """A fake engine with the default echo script, serving until the test ends."""
+    fake = FakeUpstream()
+    await nursery.start(fake.serve)
+    return fake
+
+
+StartGateway = Callable[..., Awaitable[RunningServer]]
+
+
+@pytest.fixture
+def start_gateway(nursery: trio.Nursery, upstream: FakeUpstream) -> StartGateway:
+    """Start a trioai server on port 0 in front of the fake engine; keyword args override settings."""
+
+    async def start(**overrides: Any) -> RunningServer:
+        values: dict[str, Any] = {"host": "127.0.0.1", "port": 0, "upstream": upstream.base_url}
+        values.update(overrides)
+        running: RunningServer = await nursery.start(serve, Settings(**values))
+        return running
+
+    return start
+
+
+@pytest.fixture
+async def gateway(start_gateway: StartGateway) -> RunningServer:
+    """A trioai server with default settings in front of the fake engine."""
+    return await start_gateway()

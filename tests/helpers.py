@@ -1,0 +1,81 @@
+"""Client-side helpers shared by the socket-level tests."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import trio
+import trio.testing
+from trio_websocket import WebSocketConnection, open_websocket_url
+
+from trioai.server import RunningServer
+
+TERMINAL = ("done", "cancelled", "error")
+
+
+@asynccontextmanager
+async def connect(server: RunningServer) -> AsyncIterator[WebSocketConnection]:
+    """A client WebSocket to the server's chat endpoint."""
+    async with open_websocket_url(server.url) as ws:
+        yield ws
+
+
+async def send(ws: WebSocketConnection, event: dict[str, Any]) -> None:
+    """Send one JSON event."""
+    await ws.send_message(json.dumps(event))
+
+
+async def recv(ws: WebSocketConnection, timeout: float = 10.0) -> dict[str, Any]:
+    """Receive one JSON event (fails the test after ``timeout`` seconds)."""
+    with trio.fail_after(timeout):
+        event: dict[str, Any] = json.loads(await ws.get_message())
+    return event
+
+
+def chat(content: str, max_tokens: int = 5, **extra: Any) -> dict[str, Any]:
+    """A ``message`` event with one user message."""
+    return {"type": "message", "messages": [{"role": "user", "content": content}], "max_tokens": max_tokens, **extra}
+
+
+async def collect_until_terminal(
+    ws: WebSocketConnection, ids: set[Any] | None = None
+) -> dict[Any, list[dict[str, Any]]]:
+    """Receive events until every id in ``ids`` (or the first request seen) has a terminal event.
+
+    Returns each id's events in arrival order, and asserts that none arrives after its terminal one.
+    """
+    events: dict[Any, list[dict[str, Any]]] = {}
+    finished: set[Any] = set()
+    while True:
+        event = await recv(ws)
+        rid = event.get("id")
+        assert rid not in finished, f"event after terminal for {rid!r}: {event}"
+        events.setdefault(rid, []).append(event)
+        if event["type"] in TERMINAL:
+            finished.add(rid)
+        wanted = ids if ids is not None else set(events)
+        if wanted and wanted <= finished:
+            return events
+
+
+def echo_tokens(content: str, max_tokens: int) -> list[str]:
+    """The fake engine's default answer: the prompt's words, cycled, ``max_tokens`` of them."""
+    words = content.split()
+    return [f"{words[i % len(words)]} " for i in range(max_tokens)]
+
+
+def count_tasks() -> int:
+    """Every task in the run, walking down from the root."""
+
+    def walk(task: trio.lowlevel.Task) -> int:
+        return 1 + sum(walk(child) for nursery in task.child_nurseries for child in nursery.child_tasks)
+
+    return walk(trio.lowlevel.current_root_task())
+
+
+async def settle() -> None:
+    """Let every task that can run, run."""
+    await trio.testing.wait_all_tasks_blocked(cushion=0.05)
