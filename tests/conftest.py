@@ -7,9 +7,9 @@ from typing import Any
 
 import pytest
 import trio
-from trioai.fake_upstream import FakeUpstream
 
 from trioai.config import Settings
+from trioai.fake_upstream import FakeUpstream
 from trioai.server import RunningServer, serve
 
 

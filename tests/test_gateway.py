@@ -8,8 +8,8 @@ from typing import Any
 import pytest
 import trio
 from trio_websocket import ConnectionClosed, ConnectionRejected, open_websocket_url
-from trioai.fake_upstream import FakeUpstream, Script
 
+from trioai.fake_upstream import FakeUpstream, Script
 from trioai.server import RunningServer
 
 from .conftest import StartGateway
