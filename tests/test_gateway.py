@@ -252,10 +252,10 @@ async def test_upstream_refusing_connections(start_gateway: StartGateway) -> Non
         port = sock.getsockname()[1]
     server = await start_gateway(upstream=f"http://127.0.0.1:{port}/v1", model="m")
     async with connect(server) as ws:
-        await send(ws, chat("x"))
-        event = await recv(ws)
-        assert event["type"] == "error"
-        assert event["code"] == "upstream_unavailable"
+        await send(ws, chat("x", id="r"))
+        events = (await collect_until_terminal(ws, {"r"}))["r"]
+    assert [e["type"] for e in events] == ["start", "error"]
+    assert events[-1]["code"] == "upstream_unavailable"
 
 
 async def test_model_is_taken_from_the_engine_list(gateway: RunningServer, upstream: FakeUpstream) -> None:

@@ -89,7 +89,10 @@ def field_type(f: dataclasses.Field[Any]) -> type:
 
 
 def convert(f: dataclasses.Field[Any], value: Any, source: str) -> Any:
-    """Check and convert one value (a string from env/CLI, or a TOML value) for field ``f``."""
+    """Check and convert one value (a string from env/CLI, or a TOML value) for field ``f``.
+
+    ``source`` names where the value came from (``--port``, ``TRIOAI_PORT``, ``file.toml: port``).
+    """
     kind = field_type(f)
     optional = isinstance(typing.get_type_hints(Settings)[f.name], types.UnionType)
     if isinstance(value, str) and kind is not str:
@@ -99,16 +102,16 @@ def convert(f: dataclasses.Field[Any], value: Any, source: str) -> Any:
         try:
             value = kind(text)
         except ValueError:
-            raise ConfigError(f"{source}: {f.name} must be {kind.__name__}, got {value!r}") from None
+            raise ConfigError(f"{source} must be {kind.__name__}, got {value!r}") from None
     if value is None and optional:
         return None
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     if not isinstance(value, kind) or isinstance(value, bool):
-        raise ConfigError(f"{source}: {f.name} must be {kind.__name__}, got {value!r}")
+        raise ConfigError(f"{source} must be {kind.__name__}, got {value!r}")
     minimum = f.metadata.get("minimum")
     if minimum is not None and value < minimum:
-        raise ConfigError(f"{source}: {f.name} must be at least {minimum}, got {value!r}")
+        raise ConfigError(f"{source} must be at least {minimum}, got {value!r}")
     return value
 
 
@@ -134,7 +137,7 @@ def load_settings(
             name = key.replace("-", "_")
             if name not in fields:
                 raise ConfigError(f"{config_file}: unknown setting {key!r}")
-            values[name] = convert(fields[name], value, str(config_file))
+            values[name] = convert(fields[name], value, f"{config_file}: {key}")
     for name, f in fields.items():
         raw = (env or {}).get(ENV_PREFIX + name.upper())
         if raw is not None:

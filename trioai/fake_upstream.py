@@ -1,0 +1,351 @@
+"""A scriptable OpenAI-compatible engine over real HTTP/1.1, for tests and benchmarks.
+
+Not a mock: it listens on a TCP port and speaks HTTP with h11 (keep-alive included, since httpx
+pools connections). Each chat-completion request is answered by a :class:`Script` chosen by a
+callable, so a test can make the engine slow, fail with any status, stall, drop the connection,
+send garbage or report an error mid-stream. Every request is recorded, including the moment the
+engine saw the client hang up: a watcher task reads the socket while a response streams, so a
+client that closes its stream is noticed at once, as vLLM notices it.
+
+    python -m trioai.fake_upstream --port 8001 --tokens 256 --numbered   # for benchmarks
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import itertools
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+import h11
+import trio
+
+MAX_BODY: Final = 16 * 1024 * 1024
+RECEIVE_SIZE: Final = 65536
+
+
+@dataclass(frozen=True)
+class Script:
+    """What the fake engine does for one chat-completion request."""
+
+    tokens: tuple[str, ...] = ()
+    first_delay: float = 0.0
+    delay: float = 0.0
+    finish_reason: str = "stop"
+    status: int = 200
+    error_message: str = "fake upstream error"
+    error_param: str | None = None
+    headers_delay: float = 0.0
+    stall_after: int | None = None
+    drop_after: int | None = None
+    stream_error_after: int | None = None
+    keepalive_comments: bool = False
+    usage: bool = True
+    send_done: bool = True
+    raw_lines: tuple[bytes, ...] = ()
+    batch: int = 1
+
+
+@dataclass
+class RecordedRequest:
+    """One chat-completion request as the fake engine saw it."""
+
+    body: dict[str, Any]
+    headers: dict[str, str]
+    started_at: float
+    chunks_sent: int = 0
+    completed: bool = False
+    disconnected_at: float | None = None
+    closed: trio.Event = field(default_factory=trio.Event)
+
+
+def echo_script(body: dict[str, Any]) -> Script:
+    """The default: the last user message's words, cycled, ``max_tokens`` of them (default 16)."""
+    content = ""
+    for message in body.get("messages", []):
+        if isinstance(message, dict) and message.get("role") == "user" and isinstance(message.get("content"), str):
+            content = message["content"]
+    words = content.split()
+    count = body.get("max_tokens") or 16
+    if words:
+        tokens = tuple(f"{words[i % len(words)]} " for i in range(count))
+    else:
+        tokens = tuple(f"t{i} " for i in range(count))
+    return Script(tokens=tokens, finish_reason="length")
+
+
+class _ClientGone(Exception):
+    """The client closed the connection while we were answering."""
+
+
+class FakeUpstream:
+    """Scriptable OpenAI-compatible engine on 127.0.0.1."""
+
+    def __init__(self, script: Callable[[dict[str, Any]], Script] | None = None, *, model: str = "fake-model") -> None:
+        self.script: Callable[[dict[str, Any]], Script] = script or echo_script
+        self.model = model
+        self.port = 0
+        self.requests: list[RecordedRequest] = []
+        self.active = 0
+        self._idle = trio.Event()
+        self._idle.set()
+        self._ids = itertools.count(1)
+
+    @property
+    def base_url(self) -> str:
+        """The OpenAI base URL, ``http://127.0.0.1:PORT/v1``."""
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    async def wait_idle(self) -> None:
+        """Return once no chat-completion response is streaming."""
+        while self.active:
+            await self._idle.wait()
+        await trio.lowlevel.checkpoint()
+
+    async def serve(
+        self, *, host: str = "127.0.0.1", port: int = 0, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Serve until cancelled; ``nursery.start(fake.serve)`` returns the bound port."""
+        listeners = await trio.open_tcp_listeners(port, host=host)
+        self.port = listeners[0].socket.getsockname()[1]
+        async with trio.open_nursery() as nursery:
+            await nursery.start(trio.serve_listeners, self._handle_connection, listeners)
+            task_status.started(self.port)
+
+    async def _handle_connection(self, stream: trio.SocketStream) -> None:
+        conn = h11.Connection(h11.SERVER)
+        try:
+            while True:
+                request, body = await self._read_request(stream, conn)
+                if request is None:
+                    return
+                await self._respond(stream, conn, request, body)
+                if conn.our_state is h11.MUST_CLOSE or conn.their_state is h11.MUST_CLOSE:
+                    return
+                conn.start_next_cycle()
+        except (_ClientGone, h11.ProtocolError, trio.BrokenResourceError, trio.ClosedResourceError):
+            return
+        finally:
+            await stream.aclose()
+
+    async def _read_request(self, stream: trio.SocketStream, conn: h11.Connection) -> tuple[h11.Request | None, bytes]:
+        request: h11.Request | None = None
+        body = b""
+        while True:
+            event = conn.next_event()
+            if event is h11.NEED_DATA:
+                data = await stream.receive_some(RECEIVE_SIZE)
+                conn.receive_data(data)
+                if not data and conn.their_state is not h11.IDLE:
+                    raise _ClientGone
+                if not data:
+                    return None, b""
+                continue
+            if isinstance(event, h11.Request):
+                request = event
+            elif isinstance(event, h11.Data):
+                body += event.data
+                if len(body) > MAX_BODY:
+                    raise _ClientGone
+            elif isinstance(event, h11.EndOfMessage):
+                return request, body
+            elif isinstance(event, h11.ConnectionClosed):
+                return None, b""
+
+    async def _send(self, stream: trio.SocketStream, conn: h11.Connection, *events: h11.Event) -> None:
+        data = b"".join(conn.send(e) or b"" for e in events)
+        try:
+            await stream.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            raise _ClientGone from None
+
+    async def _send_json(self, stream: trio.SocketStream, conn: h11.Connection, status: int, obj: Any) -> None:
+        payload = json.dumps(obj).encode()
+        headers = [("content-type", "application/json"), ("content-length", str(len(payload)))]
+        await self._send(
+            stream, conn, h11.Response(status_code=status, headers=headers), h11.Data(data=payload), h11.EndOfMessage()
+        )
+
+    async def _respond(
+        self, stream: trio.SocketStream, conn: h11.Connection, request: h11.Request, body: bytes
+    ) -> None:
+        path = request.target.decode().partition("?")[0]
+        method = request.method.decode()
+        if method == "GET" and path == "/v1/models":
+            models = {"object": "list", "data": [{"id": self.model, "object": "model", "owned_by": "fake"}]}
+            await self._send_json(stream, conn, 200, models)
+        elif method == "GET" and path == "/health":
+            await self._send(stream, conn, h11.Response(status_code=200, headers=[("content-length", "0")]),
+                             h11.EndOfMessage())
+        elif method == "POST" and path == "/v1/chat/completions":
+            await self._chat(stream, conn, request, body)
+        else:
+            await self._send_json(stream, conn, 404, _error_body(404, f"no route {method} {path}", None))
+
+    async def _chat(self, stream: trio.SocketStream, conn: h11.Connection, request: h11.Request, raw: bytes) -> None:
+        try:
+            body = json.loads(raw)
+            if not isinstance(body, dict):
+                raise ValueError("body is not an object")
+        except ValueError as exc:
+            await self._send_json(stream, conn, 400, _error_body(400, f"invalid JSON body: {exc}", None))
+            return
+        headers = {k.decode().lower(): v.decode() for k, v in request.headers}
+        record = RecordedRequest(body, headers, trio.current_time())
+        self.requests.append(record)
+        script = self.script(body)
+        self.active += 1
+        self._idle = trio.Event()
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._watch_disconnect, stream, record, nursery.cancel_scope)
+                await self._answer(stream, conn, body, script, record)
+                nursery.cancel_scope.cancel()
+        finally:
+            self.active -= 1
+            if not self.active:
+                self._idle.set()
+            record.closed.set()
+        if record.disconnected_at is not None:
+            raise _ClientGone
+        if not record.completed:
+            raise _ClientGone  # dropped or cut short on purpose: close the connection
+
+    async def _watch_disconnect(self, stream: trio.SocketStream, record: RecordedRequest,
+                                scope: trio.CancelScope) -> None:
+        try:
+            data = await stream.receive_some(RECEIVE_SIZE)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            data = b""
+        if not data:
+            record.disconnected_at = trio.current_time()
+            scope.cancel()
+        # Pipelined bytes while streaming are not expected from httpx; ignore them.
+
+    async def _answer(self, stream: trio.SocketStream, conn: h11.Connection, body: dict[str, Any], script: Script,
+                      record: RecordedRequest) -> None:
+        try:
+            await self._stream_answer(stream, conn, body, script, record)
+        except _ClientGone:
+            if record.disconnected_at is None:
+                record.disconnected_at = trio.current_time()
+
+    async def _stream_answer(self, stream: trio.SocketStream, conn: h11.Connection, body: dict[str, Any],
+                             script: Script, record: RecordedRequest) -> None:
+        if script.headers_delay:
+            await trio.sleep(script.headers_delay)
+        if script.status != 200:
+            await self._send_json(stream, conn, script.status,
+                                  _error_body(script.status, script.error_message, script.error_param))
+            record.completed = True
+            return
+        if not body.get("stream"):
+            await self._send_json(stream, conn, 200, _completion(self.model, script, body))
+            record.completed = True
+            return
+        chunk_id = f"chatcmpl-{next(self._ids)}"
+        created = int(time.time())
+        prefix = (
+            f'data: {{"id":"{chunk_id}","object":"chat.completion.chunk","created":{created},'
+            f'"model":{json.dumps(self.model)},"choices":'
+        ).encode()
+        headers = [("content-type", "text/event-stream"), ("cache-control", "no-cache")]
+        first = prefix + b'[{"index":0,"delta":{"role":"assistant","content":""},"finish_reason":null}]}\n\n'
+        await self._send(stream, conn, h11.Response(status_code=200, headers=headers),
+                         h11.Data(data=b"".join(script.raw_lines) + first))
+        if script.first_delay:
+            await trio.sleep(script.first_delay)
+        pending: list[bytes] = []
+        for index, token in enumerate(script.tokens):
+            if index == script.stall_after:
+                await self._flush(stream, conn, pending)
+                await trio.sleep_forever()
+            if index == script.drop_after:
+                await self._flush(stream, conn, pending)
+                await stream.aclose()  # abrupt: no terminator, no [DONE]
+                return
+            if index == script.stream_error_after:
+                pending.append(b"data: " + json.dumps(_error_body(500, script.error_message, None)).encode()
+                               + b"\n\ndata: [DONE]\n\n")
+                await self._flush(stream, conn, pending)
+                await self._send(stream, conn, h11.EndOfMessage())
+                record.completed = True
+                return
+            if index and script.delay:
+                await self._flush(stream, conn, pending)
+                await trio.sleep(script.delay)
+            if script.keepalive_comments:
+                pending.append(b": keep-alive\n\n")
+            pending.append(prefix + b'[{"index":0,"delta":{"content":' + json.dumps(token).encode()
+                           + b'},"finish_reason":null}]}\n\n')
+            record.chunks_sent += 1
+            if script.delay or len(pending) >= script.batch:
+                await self._flush(stream, conn, pending)
+        pending.append(prefix + b'[{"index":0,"delta":{},"finish_reason":' + json.dumps(script.finish_reason).encode()
+                       + b"}]}\n\n")
+        options = body.get("stream_options")
+        if script.usage and isinstance(options, dict) and options.get("include_usage"):
+            messages = [m for m in body.get("messages", []) if isinstance(m, dict)]
+            prompt = sum(len(str(m.get("content", "")).split()) for m in messages)
+            usage = {"prompt_tokens": prompt, "completion_tokens": len(script.tokens),
+                     "total_tokens": prompt + len(script.tokens)}
+            pending.append(prefix + b"[],\"usage\":" + json.dumps(usage).encode() + b"}\n\n")
+        if script.send_done:
+            pending.append(b"data: [DONE]\n\n")
+        await self._flush(stream, conn, pending)
+        await self._send(stream, conn, h11.EndOfMessage())
+        record.completed = True
+
+    async def _flush(self, stream: trio.SocketStream, conn: h11.Connection, pending: list[bytes]) -> None:
+        if pending:
+            data = b"".join(pending)
+            pending.clear()
+            await self._send(stream, conn, h11.Data(data=data))
+
+
+def _error_body(status: int, message: str, param: str | None) -> dict[str, Any]:
+    kind = "BadRequestError" if 400 <= status < 500 else "InternalServerError"
+    return {"error": {"message": message, "type": kind, "param": param, "code": status}}
+
+
+def _completion(model: str, script: Script, body: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "id": "chatcmpl-0", "object": "chat.completion", "created": int(time.time()), "model": model,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(script.tokens)},
+                     "finish_reason": script.finish_reason}],
+        "usage": {"prompt_tokens": 0, "completion_tokens": len(script.tokens), "total_tokens": len(script.tokens)},
+    }  # fmt: skip
+
+
+def main() -> None:
+    """``python -m trioai.fake_upstream``: serve a fixed script for benchmarks."""
+    parser = argparse.ArgumentParser(description="A fast fake OpenAI-compatible engine on 127.0.0.1.")
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--tokens", type=int, default=256, help="tokens when the request gives no max_tokens")
+    parser.add_argument("--token-text", default="hi ")
+    parser.add_argument("--numbered", action="store_true", help="w0 , w1 , ... instead of --token-text")
+    parser.add_argument("--delay", type=float, default=0.0, help="seconds between tokens")
+    parser.add_argument("--batch", type=int, default=16, help="chunks per write when --delay is 0")
+    args = parser.parse_args()
+
+    def script(body: dict[str, Any]) -> Script:
+        count = body.get("max_tokens") or args.tokens
+        tokens = tuple(f"w{i} " for i in range(count)) if args.numbered else (args.token_text,) * count
+        return Script(tokens=tokens, delay=args.delay, batch=args.batch, finish_reason="length")
+
+    async def run() -> None:
+        fake = FakeUpstream(script)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(lambda task_status: fake.serve(port=args.port, task_status=task_status))
+            print(f"listening on {fake.base_url}", flush=True)
+
+    with contextlib.suppress(KeyboardInterrupt):
+        trio.run(run)
+
+
+if __name__ == "__main__":
+    main()
