@@ -1,0 +1,1 @@
+"""Benchmarks for trioai: a fast fake upstream and a WebSocket load generator."""
