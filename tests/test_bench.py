@@ -1,0 +1,92 @@
+"""The benchmark's client side measures what it claims: exact-order checks, percentiles, cancel timing."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import pytest
+import trio
+from trio_websocket import open_websocket_url
+
+from bench.loadgen import expected_text, percentile, sse_load, ws_cancel, ws_load
+from trioai.config import Settings
+from trioai.fake_upstream import FakeUpstream, Script
+from trioai.server import RunningServer, serve
+
+
+def numbered(body: dict[str, Any]) -> Script:
+    return Script(tokens=tuple(f"w{i} " for i in range(body["max_tokens"])), batch=4, finish_reason="length")
+
+
+def skips_a_token(body: dict[str, Any]) -> Script:
+    tokens = [f"w{i} " for i in range(body["max_tokens"])]
+    del tokens[3]
+    return Script(tokens=tuple(tokens), finish_reason="length")
+
+
+async def start(nursery: trio.Nursery, script: Any) -> tuple[FakeUpstream, RunningServer]:
+    engine = FakeUpstream(script)
+    await nursery.start(engine.serve)
+    settings = Settings(host="127.0.0.1", port=0, upstream=engine.base_url, max_concurrency=64)
+    server: RunningServer = await nursery.start(serve, settings)
+    return engine, server
+
+
+def test_percentile_is_nearest_rank() -> None:
+    values = [float(v) for v in range(1, 101)]
+    assert percentile(values, 50) == 50.0
+    assert percentile(values, 99) == 99.0
+    assert percentile(values, 100) == 100.0
+    assert percentile([3.0, 1.0, 2.0], 50) == 2.0
+    assert math.isnan(percentile([], 50))
+
+
+def test_expected_text() -> None:
+    assert expected_text(3) == "w0 w1 w2 "
+
+
+async def test_ws_load_counts_and_checks_every_stream(nursery: trio.Nursery) -> None:
+    _, server = await start(nursery, numbered)
+    result = await ws_load(server.url, connections=3, max_tokens=40, duration=0.0)
+    assert len(result.streams) == 3
+    assert result.all_exact
+    assert result.tokens == 120
+    assert all(s.outcome == "done" and s.ttft is not None and s.ttft >= 0 for s in result.streams)
+    assert result.tokens_per_s > 0
+
+
+async def test_ws_load_notices_a_missing_token(nursery: trio.Nursery) -> None:
+    _, server = await start(nursery, skips_a_token)
+    result = await ws_load(server.url, connections=2, max_tokens=10, duration=0.0)
+    assert [s.outcome for s in result.streams] == ["done", "done"]
+    assert not result.all_exact
+
+
+async def test_sse_load_reads_the_engine_directly(nursery: trio.Nursery) -> None:
+    engine = FakeUpstream(numbered)
+    await nursery.start(engine.serve)
+    result = await sse_load(engine.base_url, connections=2, max_tokens=25, duration=0.0)
+    assert result.all_exact
+    assert result.tokens == 50
+    assert len(engine.requests) == 2
+
+
+async def test_ws_cancel_times_the_acknowledgement(nursery: trio.Nursery) -> None:
+    engine, server = await start(nursery, lambda body: Script(tokens=("x ",) * 10_000, delay=0.001))
+    async with open_websocket_url(server.url) as ws:
+        sent, sample = await ws_cancel(ws, "k1", after_tokens=3)
+    assert sample.outcome == "cancelled"
+    assert 0 <= sample.to_ack < 5
+    record = engine.requests[-1]
+    with trio.fail_after(5):
+        await record.closed.wait()
+    assert record.disconnected_at is not None and record.disconnected_at >= sent
+    assert not record.completed
+
+
+async def test_ws_cancel_rejects_a_stream_that_ends_first(nursery: trio.Nursery) -> None:
+    _, server = await start(nursery, lambda body: Script(tokens=("x ",), finish_reason="stop"))
+    async with open_websocket_url(server.url) as ws:
+        with pytest.raises(AssertionError, match="ended before the cancel"):
+            await ws_cancel(ws, "k1", after_tokens=3)
