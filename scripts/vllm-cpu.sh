@@ -16,6 +16,7 @@ cache="${TRIOAI_CACHE:-$HOME/.cache/trioai}"
 venv="$cache/vllm-venv"
 model_dir="$cache/models/gemma3-270m-hf"
 pid_file="$cache/vllm.pid"
+port_file="$cache/vllm.port"
 log_file="$cache/vllm.log"
 model_name="gemma3-270m"
 python="${PYTHON:-python3}"
@@ -41,19 +42,23 @@ setup() {
 start() {
     local port="${1:-8000}"
     setup
-    if [ -f "$pid_file" ] && kill -0 "$(cat "$pid_file")" 2>/dev/null; then
-        echo "== vLLM already running (pid $(cat "$pid_file"))" >&2
+    if [ -f "$pid_file" ] && kill -0 "$(cat "$pid_file")" 2>/dev/null \
+            && [ "$(cat "$port_file" 2>/dev/null)" = "$port" ]; then
+        echo "== vLLM already running on port $port (pid $(cat "$pid_file"))" >&2
     else
+        stop
         echo "== starting vLLM on 127.0.0.1:$port (log: $log_file)" >&2
         HF_HUB_OFFLINE=1 VLLM_CPU_KVCACHE_SPACE=1 setsid "$venv/bin/python" -m vllm.entrypoints.openai.api_server \
             --model "$model_dir" --served-model-name "$model_name" \
             --max-model-len 2048 --dtype bfloat16 \
             --host 127.0.0.1 --port "$port" >"$log_file" 2>&1 < /dev/null &
         echo $! > "$pid_file"
+        echo "$port" > "$port_file"
     fi
     # The first start compiles kernels: allow it up to 15 minutes.
     for _ in $(seq 1 900); do
-        if curl -fsS "http://127.0.0.1:$port/v1/models" >/dev/null 2>&1; then
+        if "$venv/bin/python" -c "import urllib.request, sys; urllib.request.urlopen(sys.argv[1], timeout=5)" \
+                "http://127.0.0.1:$port/v1/models" >/dev/null 2>&1; then
             echo "http://127.0.0.1:$port/v1"
             return 0
         fi
@@ -76,7 +81,7 @@ stop() {
         kill -TERM -- "-$pid" 2>/dev/null || true
         for _ in $(seq 1 30); do kill -0 "$pid" 2>/dev/null || break; sleep 1; done
         kill -KILL -- "-$pid" 2>/dev/null || true
-        rm -f "$pid_file"
+        rm -f "$pid_file" "$port_file"
     fi
 }
 
