@@ -198,13 +198,15 @@ class CancelSample:
     outcome: str
 
 
-async def ws_cancel(ws: WebSocketConnection, request_id: str, after_tokens: int) -> tuple[float, CancelSample]:
+async def ws_cancel(
+    ws: WebSocketConnection, request_id: str, after_tokens: int, max_tokens: int = 8000
+) -> tuple[float, CancelSample]:
     """Start a long generation, cancel it after ``after_tokens`` token frames, time the ``cancelled``.
 
     Returns the moment the cancel was sent (to compare with the engine's view) and the sample.
     """
     await ws.send_message(json.dumps({"type": "message", "id": request_id, "messages": PROMPT,
-                                      "max_tokens": 8000}))
+                                      "max_tokens": max_tokens}))
     seen = 0
     while seen < after_tokens:
         event = json.loads(await ws.get_message())

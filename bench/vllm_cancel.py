@@ -21,10 +21,15 @@ from bench.run import gateway, ms, row
 RUNNING = re.compile(r"^vllm:num_requests_running(?:\{[^}]*\})? (\S+)$", re.MULTILINE)
 
 
+SCRAPES: list[float] = []
+
+
 async def running(client: httpx.AsyncClient, metrics_url: str) -> float:
-    """Requests vLLM is running now, summed over its label sets."""
+    """Requests vLLM is running now, summed over its label sets (each scrape's duration is kept)."""
+    start = trio.current_time()
     response = await client.get(metrics_url)
     response.raise_for_status()
+    SCRAPES.append(trio.current_time() - start)
     return sum(float(v) for v in RUNNING.findall(response.text))
 
 
@@ -49,7 +54,7 @@ async def measure(upstream: str, samples: int, poll: float) -> list[str]:
     ):
         for index in range(samples):
             await wait_idle(client, metrics_url, poll)
-            sent, sample = await ws_cancel(ws, f"v{index}", after_tokens=3)
+            sent, sample = await ws_cancel(ws, f"v{index}", after_tokens=3, max_tokens=1500)
             if sample.outcome != "cancelled":
                 raise RuntimeError(f"sample {index} ended {sample.outcome}")
             await wait_idle(client, metrics_url, poll)
@@ -63,6 +68,8 @@ async def measure(upstream: str, samples: int, poll: float) -> list[str]:
         row("→ `cancelled` at the client", ms(percentile(to_ack, 50)), ms(percentile(to_ack, 99)), ms(max(to_ack))),
         row("→ `vllm:num_requests_running` back to 0", ms(percentile(to_abort, 50)), ms(percentile(to_abort, 99)),
             ms(max(to_abort))),
+        row("one `/metrics` scrape (measurement overhead)", ms(percentile(SCRAPES, 50)), ms(percentile(SCRAPES, 99)),
+            ms(max(SCRAPES))),
     ]
 
 
