@@ -8,6 +8,7 @@ import os
 import signal
 import sys
 from collections.abc import Sequence
+from functools import partial
 from typing import Any
 
 import trio
@@ -15,6 +16,7 @@ import trio
 from . import __version__
 from .config import ConfigError, Settings, load_settings, setting_fields
 from .server import serve
+from .systemd import Notifier, inherited_sockets, listeners_from
 
 log = logging.getLogger("trioai")
 
@@ -53,24 +55,48 @@ def setup_logging(level: str) -> None:
     logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
-async def run_server(settings: Settings) -> None:
-    """Serve until SIGTERM or SIGINT, then stop every task and child process."""
+async def run_server(settings: Settings, notifier: Notifier | None = None) -> None:
+    """Serve until SIGTERM or SIGINT, drain, then stop every task and child process.
+
+    The first signal starts a graceful drain (see :func:`~trioai.server.serve`); a second one
+    stops at once. Under systemd, readiness, stopping and watchdog pings are reported with
+    ``sd_notify``, and sockets passed by socket activation are served instead of binding.
+    """
+    notifier = notifier or Notifier()
+    listeners = listeners_from(inherited_sockets())
+    drain = trio.Event()
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(_stop_on_signals, nursery.cancel_scope)
+        nursery.start_soon(_handle_signals, drain, nursery.cancel_scope, notifier)
+        nursery.start_soon(notifier.run_watchdog)
         if settings.upstream is None:
             from .engine import serve_with_local_engine
 
-            await serve_with_local_engine(settings)
+            target: Any = partial(serve_with_local_engine, settings, listeners=listeners, drain=drain)
         else:
-            await serve(settings)
+            target = partial(serve, settings, listeners=listeners, drain=drain)
+        running = await nursery.start(_run_then_stop, target, nursery.cancel_scope)
+        notifier.notify("READY=1", f"STATUS=serving {running.url}")
 
 
-async def _stop_on_signals(scope: trio.CancelScope) -> None:
+async def _run_then_stop(
+    target: Any, scope: trio.CancelScope, task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED
+) -> None:
+    await target(task_status=task_status)
+    scope.cancel()  # the drain is over: stop the signal handler and the watchdog too
+
+
+async def _handle_signals(drain: trio.Event, scope: trio.CancelScope, notifier: Notifier) -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async for signum in signals:
-            log.info("received %s, shutting down", signal.Signals(signum).name)
-            scope.cancel()
-            return
+            name = signal.Signals(signum).name
+            if not drain.is_set():
+                log.info("received %s: draining (again to stop at once)", name)
+                notifier.notify("STOPPING=1", "STATUS=draining")
+                drain.set()
+            else:
+                log.info("received %s again: stopping now", name)
+                scope.cancel()
+                return
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -55,6 +55,9 @@ class Settings:
     token_timeout: float = _setting(30.0, "seconds allowed between two tokens", minimum=0.001)
     handshake_timeout: float = _setting(10.0, "seconds a client has to finish the WebSocket handshake", minimum=0.001)
     close_timeout: float = _setting(5.0, "seconds to wait for the WebSocket closing handshake", minimum=0.001)
+    drain_timeout: float = _setting(
+        30.0, "seconds active generations may finish after SIGTERM before they are ended", minimum=0.0
+    )
     stream_buffer_bytes: int = _setting(
         65536, "unsent text per stream before the engine is made to wait (slow clients)", minimum=1024
     )

@@ -37,13 +37,16 @@ import subprocess
 import sys
 from functools import partial
 from pathlib import Path
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 import httpx
 import trio
 
 from .config import Settings
 from .errors import ErrorCode, UpstreamError
+
+if TYPE_CHECKING:
+    from .server import RunningServer
 
 log = logging.getLogger("trioai.engine")
 
@@ -275,9 +278,16 @@ def resolve_model(settings: Settings) -> tuple[Path, str]:
 
 
 async def serve_with_local_engine(
-    settings: Settings, *, task_status: trio.TaskStatus[object] = trio.TASK_STATUS_IGNORED
+    settings: Settings,
+    *,
+    listeners: list[trio.SocketListener] | None = None,
+    drain: trio.Event | None = None,
+    task_status: trio.TaskStatus[RunningServer] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Start the embedded engine, then serve ``/ws/chat`` in front of it until cancelled."""
+    """Start the embedded engine, then serve ``/ws/chat`` in front of it (see :func:`serve`).
+
+    The engine is stopped when serving ends: after the drain, or on cancellation.
+    """
     from .server import serve
 
     check_engine_installed()
@@ -295,6 +305,9 @@ async def serve_with_local_engine(
     )
     async with trio.open_nursery() as nursery:
         base_url = await nursery.start(engine.supervise)
-        running = await nursery.start(partial(serve, local_settings, upstream_url=base_url, engine=engine))
-        task_status.started(running)
+        await serve(
+            local_settings, upstream_url=base_url, engine=engine, listeners=listeners, drain=drain,
+            task_status=task_status,
+        )
+        nursery.cancel_scope.cancel()
 

@@ -39,6 +39,7 @@ class ErrorCode(enum.StrEnum):
     UPSTREAM_DISCONNECTED = "upstream_disconnected"
     # The gateway itself.
     INTERNAL_ERROR = "internal_error"
+    SHUTTING_DOWN = "shutting_down"
 
 
 class TrioaiError(Exception):

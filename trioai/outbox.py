@@ -20,6 +20,7 @@ client that does not read cannot make the server buffer without limit.
 from __future__ import annotations
 
 import collections
+from dataclasses import dataclass
 from typing import Final
 
 import trio
@@ -64,6 +65,14 @@ class _QueuedSlot:
         return encode(Queued(self.request_id, self.position))
 
 
+@dataclass(frozen=True)
+class CloseFrame:
+    """Returned by :meth:`Outbox.next_frame` after everything queued before it: close the socket."""
+
+    code: int
+    reason: str
+
+
 class _Control:
     __slots__ = ("frame",)
 
@@ -71,7 +80,7 @@ class _Control:
         self.frame = frame
 
 
-_Item = str | _TokenSlot | _QueuedSlot | _Control
+_Item = str | _TokenSlot | _QueuedSlot | _Control | CloseFrame
 
 
 class Outbox:
@@ -84,6 +93,7 @@ class Outbox:
         self._control_pending = 0
         self._writer_lot = trio.lowlevel.ParkingLot()
         self._control_lot = trio.lowlevel.ParkingLot()
+        self.closing = False
 
     def __len__(self) -> int:
         return len(self._items)
@@ -97,21 +107,31 @@ class Outbox:
         while self._control_pending >= self.max_control:
             await self._control_lot.park()
         await trio.lowlevel.checkpoint_if_cancelled()
+        if self.closing:
+            return
         self._control_pending += 1
         self._push(_Control(encode(event)))
 
+    def close(self, code: int, reason: str) -> None:
+        """Close the connection once every frame queued so far is sent; later frames are dropped."""
+        if not self.closing:
+            self._push(CloseFrame(code, reason))
+            self.closing = True
+
     def _push(self, item: _Item) -> None:
+        if self.closing:
+            return  # the socket is closing: nothing queued now could be delivered
         self._items.append(item)
         if self._writer_lot:
             self._writer_lot.unpark()
 
-    async def next_frame(self) -> str:
+    async def next_frame(self) -> str | CloseFrame:
         """The next frame to send (for the writer task); waits while there is none."""
         items = self._items
         while not items:
             await self._writer_lot.park()
         item = items.popleft()
-        if type(item) is str:
+        if type(item) is str or type(item) is CloseFrame:
             return item
         if type(item) is _Control:
             self._control_pending -= 1

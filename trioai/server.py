@@ -2,11 +2,17 @@
 
 Task tree::
 
-    serve                         owns the upstream client (closed on exit) and the engine, if embedded
-    └── server nursery
-        └── WebSocketServer.run   trio-websocket: serve_listeners, one accept loop per listener
-            └── handler nursery   per connection: trio-websocket's reader task and _handle_connection
-                └── Server.handle → Session.run (see session.py for the tasks below it)
+    serve                         owns the upstream client (closed on exit)
+    └── connections nursery       trio-websocket's handler nursery: outlives accepting, for the drain
+        ├── accepting nursery
+        │   └── WebSocketServer.run   serve_listeners, one accept loop per listener
+        └── per connection: trio-websocket's reader task and _handle_connection
+            └── Server.handle → Session.run (see session.py for the tasks below it)
+
+Graceful drain (when the ``drain`` event is set): the accepting nursery is cancelled, which closes
+the listeners; every session is told to drain (no new requests, close 1001 when idle); after
+``drain_timeout`` the remaining generations end with ``error`` ``shutting_down``; ``serve``
+returns once every connection is closed.
 
 Error handling: trio-websocket does not catch a handler's exception; it would propagate into
 ``serve_listeners`` and stop the server. :meth:`Server.handle` therefore catches ``Exception``
@@ -58,12 +64,38 @@ class Server:
 
     def __init__(self, gateway: Gateway) -> None:
         self.gateway = gateway
-        self.open_connections = 0
+        self.sessions: set[Session] = set()
+        self.draining = False
         self._conn_ids = itertools.count(1)
+        self._no_sessions = trio.Event()
+        self._no_sessions.set()
+
+    @property
+    def open_connections(self) -> int:
+        """Connections with a running session."""
+        return len(self.sessions)
+
+    async def drain(self, grace: float) -> None:
+        """Let active generations finish for up to ``grace`` seconds, then end the rest; close all."""
+        self.draining = True
+        for session in list(self.sessions):
+            session.drain()
+        with trio.move_on_after(grace):
+            await self._no_sessions.wait()
+        if self.sessions:
+            log.info("drain timeout: ending %d connection(s) with shutting_down", len(self.sessions))
+            for session in list(self.sessions):
+                session.stop()
+        with trio.move_on_after(self.gateway.settings.close_timeout + 1.0):
+            await self._no_sessions.wait()
 
     async def handle(self, request: WebSocketRequest) -> None:
         """trio-websocket's handler: check the path, accept, run the session, log."""
         path = request.path.partition("?")[0]
+        if self.draining:
+            with contextlib.suppress(ConnectionClosed):
+                await request.reject(503, body=b"server shutting down\n")
+            return
         if path != CHAT_PATH:
             with contextlib.suppress(ConnectionClosed):
                 await request.reject(404, body=f"not found; the chat endpoint is {CHAT_PATH}\n".encode())
@@ -77,7 +109,10 @@ class Server:
         peer = str(remote) if isinstance(remote, str) else f"{remote.address}:{remote.port}"
         started = trio.current_time()
         session = Session(ws, self.gateway, conn_id)
-        self.open_connections += 1
+        self.sessions.add(session)
+        self._no_sessions = trio.Event()
+        if self.draining:
+            session.drain()
         log.info("connection conn=%d open peer=%s", conn_id, peer)
         try:
             await session.run()
@@ -87,7 +122,9 @@ class Server:
                 scope.shield = True
                 await ws.aclose(CLOSE_INTERNAL_ERROR, "internal error")
         finally:
-            self.open_connections -= 1
+            self.sessions.discard(session)
+            if not self.sessions:
+                self._no_sessions.set()
             reason = ws.closed
             log.info(
                 "connection conn=%d closed code=%s requests=%d duration_s=%.1f",
@@ -116,11 +153,15 @@ async def serve(
     *,
     upstream_url: str | None = None,
     engine: EngineWatch | None = None,
+    listeners: list[trio.SocketListener] | None = None,
+    drain: trio.Event | None = None,
     task_status: trio.TaskStatus[RunningServer] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve ``/ws/chat`` until cancelled, relaying to ``upstream_url`` (default: ``settings.upstream``).
+    """Serve ``/ws/chat`` relaying to ``upstream_url`` (default: ``settings.upstream``).
 
     ``engine`` is the embedded engine's supervisor, when there is one (it explains broken streams).
+    ``listeners`` are already-listening sockets (systemd socket activation); without them, binds
+    ``settings.host:port``. Runs until cancelled, or until ``drain`` is set and the drain is over.
 
     Supports ``await nursery.start(serve, settings)``, which returns a :class:`RunningServer` once
     the listeners accept connections.
@@ -130,20 +171,29 @@ async def serve(
         raise ValueError("serve() needs an upstream URL; the embedded engine is started by run_server()")
     async with make_upstream(settings, base_url) as upstream:
         gateway = Gateway(settings, upstream, engine=engine)
-        listeners = await trio.open_tcp_listeners(settings.port, host=settings.host)
+        if not listeners:
+            listeners = await trio.open_tcp_listeners(settings.port, host=settings.host)
         server = Server(gateway)
-        ws_server = WebSocketServer(
-            server.handle,
-            listeners,
-            message_queue_size=MESSAGE_QUEUE_SIZE,
-            max_message_size=settings.max_message_size,
-            connect_timeout=settings.handshake_timeout,
-            disconnect_timeout=settings.close_timeout,
-        )
-        async with trio.open_nursery() as nursery:
-            await nursery.start(ws_server.run)
-            sockname = listeners[0].socket.getsockname()
-            running = RunningServer(str(sockname[0]), int(sockname[1]), gateway, server)
-            log.info("listening on %s (upstream %s)", running.url, base_url)
-            task_status.started(running)
-            await trio.sleep_forever()
+        async with trio.open_nursery() as connections:
+            ws_server = WebSocketServer(
+                server.handle,
+                listeners,
+                handler_nursery=connections,
+                message_queue_size=MESSAGE_QUEUE_SIZE,
+                max_message_size=settings.max_message_size,
+                connect_timeout=settings.handshake_timeout,
+                disconnect_timeout=settings.close_timeout,
+            )
+            async with trio.open_nursery() as accepting:
+                await accepting.start(ws_server.run)
+                sockname = listeners[0].socket.getsockname()
+                running = RunningServer(str(sockname[0]), int(sockname[1]), gateway, server)
+                log.info("listening on %s (upstream %s)", running.url, base_url)
+                task_status.started(running)
+                if drain is None:
+                    await trio.sleep_forever()
+                await drain.wait()
+                accepting.cancel_scope.cancel()
+            log.info("draining: %d connection(s), up to %.0f s", server.open_connections, settings.drain_timeout)
+            await server.drain(settings.drain_timeout)
+            connections.cancel_scope.cancel()

@@ -11,6 +11,11 @@ Task tree (the session nursery owns every task of the connection)::
 raises ``Cancelled`` at once, leaving ``stream_chat`` closes the upstream response, and the task then
 queues ``cancelled``. When the client goes away, the receive loop ends and the whole nursery is
 cancelled the same way, so no generation outlives its connection.
+
+Shutdown: :meth:`Session.drain` refuses new requests (``error`` ``shutting_down``) and closes the
+socket with 1001 once the running ones have ended; :meth:`Session.stop` then ends those still
+running with ``error`` ``shutting_down``. The close goes through the outbox, after every frame queued
+before it.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from trio_websocket import ConnectionClosed, WebSocketConnection
 
 from .errors import ErrorCode, ProtocolError
 from .gateway import Gateway, RequestStats
-from .outbox import Outbox, StreamSender
+from .outbox import CloseFrame, Outbox, StreamSender
 from .protocol import (
     Cancelled,
     CancelRequest,
@@ -40,6 +45,7 @@ from .protocol import (
 log = logging.getLogger("trioai.session")
 
 SERVER_ID_PREFIX: Final = "r"
+CLOSE_GOING_AWAY: Final = 1001
 
 
 class Session:
@@ -53,6 +59,21 @@ class Session:
         self.active: dict[RequestId, trio.CancelScope] = {}
         self._next_id = 0
         self.requests = 0
+        self.draining = False
+        self._stopping = False
+
+    def drain(self) -> None:
+        """Take no new requests; close with 1001 once the active ones have ended."""
+        self.draining = True
+        if not self.active:
+            self.outbox.close(CLOSE_GOING_AWAY, "server shutting down")
+
+    def stop(self) -> None:
+        """End every active generation with ``error`` ``shutting_down`` (after :meth:`drain`)."""
+        self.drain()
+        self._stopping = True
+        for scope in self.active.values():
+            scope.cancel()
 
     async def run(self) -> None:
         """Serve the connection until the client leaves; every task is gone when this returns."""
@@ -84,6 +105,11 @@ class Session:
 
     async def _start_stream(self, nursery: trio.Nursery, request: ChatRequest) -> None:
         settings = self.gateway.settings
+        if self.draining:
+            await self.outbox.send_control(
+                Error(request.id, ErrorCode.SHUTTING_DOWN, "the server is shutting down; reconnect and retry")
+            )
+            return
         if request.id is not None and request.id in self.active:
             await self.outbox.send_control(
                 Error(request.id, ErrorCode.DUPLICATE_ID, f"request {request.id!r} is still active", "id")
@@ -142,10 +168,17 @@ class Session:
                 outcome = f"error code={terminal.code}" if isinstance(terminal, Error) else "done"
                 sender.event(terminal)
             if scope.cancelled_caught and not sender.finished:
-                outcome = "cancelled"
-                sender.event(Cancelled(request_id))
+                if self._stopping:
+                    outcome = f"error code={ErrorCode.SHUTTING_DOWN}"
+                    sender.event(Error(request_id, ErrorCode.SHUTTING_DOWN,
+                                       "the server shut down before this generation finished"))
+                else:
+                    outcome = "cancelled"
+                    sender.event(Cancelled(request_id))
         finally:
             del self.active[request_id]
+            if self.draining and not self.active:
+                self.outbox.close(CLOSE_GOING_AWAY, "server shutting down")
             log.info(
                 "request conn=%d id=%s outcome=%s tokens=%d ttft_ms=%s duration_ms=%.0f",
                 self.conn_id,
@@ -170,6 +203,11 @@ class Session:
         try:
             while True:
                 frame = await self.outbox.next_frame()
+                if isinstance(frame, CloseFrame):
+                    with trio.move_on_after(self.gateway.settings.close_timeout):
+                        await self.ws.aclose(frame.code, frame.reason)
+                    session_scope.cancel()
+                    return
                 await self.ws.send_message(frame)
         except ConnectionClosed:
             # The client is gone: stop the receive loop and every generation with it.
