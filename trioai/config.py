@@ -55,6 +55,12 @@ class Settings:
     token_timeout: float = _setting(30.0, "seconds allowed between two tokens", minimum=0.001)
     handshake_timeout: float = _setting(10.0, "seconds a client has to finish the WebSocket handshake", minimum=0.001)
     close_timeout: float = _setting(5.0, "seconds to wait for the WebSocket closing handshake", minimum=0.001)
+    ping_interval: float = _setting(
+        20.0, "seconds between the server's WebSocket pings, which keep proxies from timing out idle "
+        "connections (0: none)", minimum=0.0
+    )
+    ping_timeout: float = _setting(20.0, "seconds a client has to answer a ping before it is disconnected",
+                                   minimum=0.001)
     drain_timeout: float = _setting(
         30.0, "seconds active generations may finish after SIGTERM before they are ended", minimum=0.0
     )

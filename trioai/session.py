@@ -79,6 +79,8 @@ class Session:
         """Serve the connection until the client leaves; every task is gone when this returns."""
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._write_loop, nursery.cancel_scope)
+            if self.gateway.settings.ping_interval > 0:
+                nursery.start_soon(self._heartbeat, nursery.cancel_scope)
             try:
                 await self._receive_loop(nursery)
             finally:
@@ -198,6 +200,28 @@ class Session:
             # A bug of ours must cost one request, not the connection or the server.
             log.exception("request conn=%d id=%s failed unexpectedly", self.conn_id, request_id)
             return Error(request_id, ErrorCode.INTERNAL_ERROR, "internal error in the gateway")
+
+    async def _heartbeat(self, session_scope: trio.CancelScope) -> None:
+        """Ping every ``ping_interval``; a client that does not answer in ``ping_timeout`` is dropped.
+
+        Pings keep proxies (Nginx closes a connection silent for ``proxy_read_timeout``) and NATs
+        from timing out idle connections, and find clients that vanished without closing.
+        trio-websocket's ``ping`` sends and then waits for the pong; a timeout that interrupts the
+        send can leave a partial frame, which is harmless here since the connection is dropped.
+        """
+        settings = self.gateway.settings
+        try:
+            while True:
+                await trio.sleep(settings.ping_interval)
+                with trio.move_on_after(settings.ping_timeout):
+                    await self.ws.ping()
+                    continue
+                log.info("connection conn=%d: no pong within %.0f s, disconnecting", self.conn_id,
+                         settings.ping_timeout)
+                session_scope.cancel()
+                return
+        except ConnectionClosed:
+            return
 
     async def _write_loop(self, session_scope: trio.CancelScope) -> None:
         try:
