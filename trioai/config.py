@@ -35,6 +35,10 @@ class Settings:
 
     host: str = _setting("127.0.0.1", "interface to listen on")
     port: int = _setting(8080, "WebSocket port (0 picks a free one)", minimum=0)
+    http_host: str = _setting("127.0.0.1", "interface of the health and metrics HTTP port")
+    http_port: int | None = _setting(
+        None, "HTTP port for /healthz, /readyz and /metrics (unset: none; 0 picks a free one)", minimum=0
+    )
     upstream: str | None = _setting(
         None,
         "base URL of an OpenAI-compatible API, e.g. http://127.0.0.1:8000/v1 for vLLM "

@@ -18,6 +18,7 @@ import trio
 from .admission import Admission
 from .config import Settings
 from .errors import ErrorCode, UpstreamError
+from .metrics import Metrics
 from .outbox import StreamSender
 from .protocol import ChatRequest, Done, Error, RequestId, Started, Usage
 from .upstream import Upstream
@@ -60,6 +61,7 @@ class Gateway:
         self.engine = engine
         self.limits = settings.limits()
         self.admission = Admission(settings.max_concurrency)
+        self.metrics = Metrics()
         self._model = settings.model
         self._model_lock = trio.Lock()
 

@@ -32,6 +32,8 @@ from trio_websocket import ConnectionClosed, WebSocketRequest, WebSocketServer
 
 from .config import Settings
 from .gateway import EngineWatch, Gateway
+from .http import Response, Route, serve_http
+from .metrics import CONTENT_TYPE
 from .session import Session
 from .upstream import Upstream
 
@@ -41,6 +43,8 @@ CHAT_PATH: Final = "/ws/chat"
 # Messages trio-websocket buffers between its reader and our receive loop; ours never blocks long.
 MESSAGE_QUEUE_SIZE: Final = 4
 CLOSE_INTERNAL_ERROR: Final = 1011
+READY_CHECK_TIMEOUT: Final = 2.0
+READY_CHECK_TTL: Final = 1.0
 
 
 @dataclass(frozen=True)
@@ -51,6 +55,16 @@ class RunningServer:
     port: int
     gateway: Gateway
     server: Server
+    http_port: int | None = None
+
+    @property
+    def http_url(self) -> str | None:
+        """The health and metrics base URL, e.g. ``http://127.0.0.1:8081``, if that port is on."""
+        if self.http_port is None:
+            return None
+        host = self.gateway.settings.http_host
+        host = f"[{host}]" if ":" in host else host
+        return f"http://{host}:{self.http_port}"
 
     @property
     def url(self) -> str:
@@ -69,11 +83,47 @@ class Server:
         self._conn_ids = itertools.count(1)
         self._no_sessions = trio.Event()
         self._no_sessions.set()
+        self._upstream_ok: tuple[float, bool] | None = None
+        gateway.metrics.watch(
+            connections_open=lambda: len(self.sessions),
+            streams_running=lambda: gateway.admission.running,
+            streams_queued=lambda: gateway.admission.queued,
+            draining=lambda: float(self.draining),
+        )
 
     @property
     def open_connections(self) -> int:
         """Connections with a running session."""
         return len(self.sessions)
+
+    def routes(self) -> dict[str, Route]:
+        """The operations HTTP port's endpoints."""
+        return {"/healthz": self._healthz, "/readyz": self._readyz, "/metrics": self._metrics}
+
+    async def _healthz(self) -> Response:
+        return Response(200, b"ok\n")
+
+    async def _readyz(self) -> Response:
+        if self.draining:
+            return Response(503, b"draining\n")
+        if not await self._upstream_answers():
+            return Response(503, b"upstream not answering\n")
+        return Response(200, b"ready\n")
+
+    async def _metrics(self) -> Response:
+        return Response(200, self.gateway.metrics.render(), CONTENT_TYPE)
+
+    async def _upstream_ok_now(self) -> bool:
+        with trio.move_on_after(READY_CHECK_TIMEOUT):
+            return await self.gateway.upstream.health()
+        return False
+
+    async def _upstream_answers(self) -> bool:
+        """Whether the engine answered recently (asked at most once per READY_CHECK_TTL)."""
+        now = trio.current_time()
+        if self._upstream_ok is None or now - self._upstream_ok[0] > READY_CHECK_TTL:
+            self._upstream_ok = (now, await self._upstream_ok_now())
+        return self._upstream_ok[1]
 
     async def drain(self, grace: float) -> None:
         """Let active generations finish for up to ``grace`` seconds, then end the rest; close all."""
@@ -104,6 +154,7 @@ class Server:
             ws = await request.accept()
         except ConnectionClosed:
             return
+        self.gateway.metrics.connections.inc()
         conn_id = next(self._conn_ids)
         remote = ws.remote
         peer = str(remote) if isinstance(remote, str) else f"{remote.address}:{remote.port}"
@@ -174,26 +225,31 @@ async def serve(
         if not listeners:
             listeners = await trio.open_tcp_listeners(settings.port, host=settings.host)
         server = Server(gateway)
-        async with trio.open_nursery() as connections:
-            ws_server = WebSocketServer(
-                server.handle,
-                listeners,
-                handler_nursery=connections,
-                message_queue_size=MESSAGE_QUEUE_SIZE,
-                max_message_size=settings.max_message_size,
-                connect_timeout=settings.handshake_timeout,
-                disconnect_timeout=settings.close_timeout,
-            )
-            async with trio.open_nursery() as accepting:
-                await accepting.start(ws_server.run)
-                sockname = listeners[0].socket.getsockname()
-                running = RunningServer(str(sockname[0]), int(sockname[1]), gateway, server)
-                log.info("listening on %s (upstream %s)", running.url, base_url)
-                task_status.started(running)
-                if drain is None:
-                    await trio.sleep_forever()
-                await drain.wait()
-                accepting.cancel_scope.cancel()
-            log.info("draining: %d connection(s), up to %.0f s", server.open_connections, settings.drain_timeout)
-            await server.drain(settings.drain_timeout)
-            connections.cancel_scope.cancel()
+        async with trio.open_nursery() as services:
+            http_port = None
+            if settings.http_port is not None:
+                http_port = await services.start(serve_http, settings.http_host, settings.http_port, server.routes())
+            async with trio.open_nursery() as connections:
+                ws_server = WebSocketServer(
+                    server.handle,
+                    listeners,
+                    handler_nursery=connections,
+                    message_queue_size=MESSAGE_QUEUE_SIZE,
+                    max_message_size=settings.max_message_size,
+                    connect_timeout=settings.handshake_timeout,
+                    disconnect_timeout=settings.close_timeout,
+                )
+                async with trio.open_nursery() as accepting:
+                    await accepting.start(ws_server.run)
+                    sockname = listeners[0].socket.getsockname()
+                    running = RunningServer(str(sockname[0]), int(sockname[1]), gateway, server, http_port)
+                    log.info("listening on %s (upstream %s)", running.url, base_url)
+                    task_status.started(running)
+                    if drain is None:
+                        await trio.sleep_forever()
+                    await drain.wait()
+                    accepting.cancel_scope.cancel()
+                log.info("draining: %d connection(s), up to %.0f s", server.open_connections, settings.drain_timeout)
+                await server.drain(settings.drain_timeout)
+                connections.cancel_scope.cancel()
+            services.cancel_scope.cancel()

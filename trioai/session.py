@@ -147,10 +147,12 @@ class Session:
                 await self.outbox.send_control(
                     Error(None, ErrorCode.NOTHING_TO_CANCEL, "no generation is active on this connection")
                 )
+            self.gateway.metrics.cancels.inc()
             for scope in self.active.values():
                 scope.cancel()
             return
         found = self.active.get(request_id)
+        self.gateway.metrics.cancels.inc()
         if found is None:
             await self.outbox.send_control(
                 Error(request_id, ErrorCode.UNKNOWN_ID, f"no active generation has id {request_id!r}", "id")
@@ -163,17 +165,16 @@ class Session:
     ) -> None:
         sender = self.outbox.stream(request_id)
         # Stays "aborted" when the connection itself ends: nothing can be sent then.
-        outcome = "aborted"
+        outcome, code = "aborted", None
         try:
             with scope:
                 terminal = await self._generate(request, request_id, sender, stats)
-                outcome = f"error code={terminal.code}" if isinstance(terminal, Error) else "done"
+                outcome, code = ("error", terminal.code) if isinstance(terminal, Error) else ("done", None)
                 sender.event(terminal)
             if scope.cancelled_caught and not sender.finished:
                 if self._stopping:
-                    outcome = f"error code={ErrorCode.SHUTTING_DOWN}"
-                    sender.event(Error(request_id, ErrorCode.SHUTTING_DOWN,
-                                       "the server shut down before this generation finished"))
+                    outcome, code = "error", ErrorCode.SHUTTING_DOWN.value
+                    sender.event(Error(request_id, code, "the server shut down before this generation finished"))
                 else:
                     outcome = "cancelled"
                     sender.event(Cancelled(request_id))
@@ -181,14 +182,20 @@ class Session:
             del self.active[request_id]
             if self.draining and not self.active:
                 self.outbox.close(CLOSE_GOING_AWAY, "server shutting down")
+            duration = trio.current_time() - stats.received_at
+            ttft_ms = stats.ttft_ms
+            self.gateway.metrics.request_finished(
+                outcome, code, stats.deltas, None if ttft_ms is None else ttft_ms / 1000.0, duration
+            )
             log.info(
-                "request conn=%d id=%s outcome=%s tokens=%d ttft_ms=%s duration_ms=%.0f",
+                "request conn=%d id=%s outcome=%s%s tokens=%d ttft_ms=%s duration_ms=%.0f",
                 self.conn_id,
                 request_id,
                 outcome,
+                "" if code is None else f" code={code}",
                 stats.deltas,
-                "-" if stats.ttft_ms is None else f"{stats.ttft_ms:.0f}",
-                (trio.current_time() - stats.received_at) * 1000.0,
+                "-" if ttft_ms is None else f"{ttft_ms:.0f}",
+                duration * 1000.0,
             )
 
     async def _generate(

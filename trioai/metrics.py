@@ -1,0 +1,80 @@
+"""The server's Prometheus metrics, in a registry of its own (so several servers in one process, as in
+the tests, never share counters).
+
+Counters are updated once per request, when it ends, rather than once per token: the per-token path
+stays free of locks. Gauges of current state are read from the live objects at scrape time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Final
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+CONTENT_TYPE: Final = CONTENT_TYPE_LATEST
+
+TTFT_BUCKETS: Final = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+DURATION_BUCKETS: Final = (0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+
+
+class Metrics:
+    """Counters, gauges and histograms of one server."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.connections_open = Gauge("trioai_connections_open", "Open WebSocket connections", registry=r)
+        self.streams_running = Gauge("trioai_streams_running", "Generations running upstream", registry=r)
+        self.streams_queued = Gauge("trioai_streams_queued", "Generations waiting for capacity", registry=r)
+        self.draining = Gauge("trioai_draining", "1 while the server drains before exiting", registry=r)
+        self.connections = Counter("trioai_connections", "WebSocket connections accepted", registry=r)
+        self.requests = Counter(
+            "trioai_requests", "Finished generations by outcome (done, cancelled, error, aborted) and error code",
+            ["outcome", "code"], registry=r,
+        )
+        self.tokens = Counter("trioai_tokens_relayed", "Content deltas relayed to clients", registry=r)
+        self.cancels = Counter("trioai_cancels", "cancel events received from clients", registry=r)
+        self.upstream_errors = Counter(
+            "trioai_upstream_errors", "Generations ended by an engine failure, by error code", ["code"], registry=r
+        )
+        self.ttft = Histogram(
+            "trioai_time_to_first_token_seconds", "From receiving a request to its first token (queueing included)",
+            buckets=TTFT_BUCKETS, registry=r,
+        )
+        self.duration = Histogram(
+            "trioai_request_duration_seconds", "From receiving a request to its terminal event",
+            buckets=DURATION_BUCKETS, registry=r,
+        )
+
+    def watch(
+        self,
+        *,
+        connections_open: Callable[[], float],
+        streams_running: Callable[[], float],
+        streams_queued: Callable[[], float],
+        draining: Callable[[], float],
+    ) -> None:
+        """Read the current-state gauges from these callables at each scrape."""
+        self.connections_open.set_function(connections_open)
+        self.streams_running.set_function(streams_running)
+        self.streams_queued.set_function(streams_queued)
+        self.draining.set_function(draining)
+
+    def request_finished(
+        self, outcome: str, code: str | None, tokens: int, ttft_s: float | None, duration_s: float
+    ) -> None:
+        """Record one generation's end."""
+        self.requests.labels(outcome, code or "").inc()
+        if tokens:
+            self.tokens.inc(tokens)
+        if ttft_s is not None:
+            self.ttft.observe(ttft_s)
+        self.duration.observe(duration_s)
+        if code is not None and code.startswith("upstream_"):
+            self.upstream_errors.labels(code).inc()
+
+    def render(self) -> bytes:
+        """The Prometheus text exposition of every metric."""
+        return generate_latest(self.registry)
