@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 import re
 import signal
 import subprocess
@@ -72,3 +74,41 @@ async def test_port_in_use_exits_1(nursery: trio.Nursery, upstream: FakeUpstream
     assert result.returncode == 1
     assert b"cannot start" in result.stderr
     assert b"Traceback" not in result.stderr
+
+
+async def run_briefly(*options: str, env: dict[str, str] | None = None) -> list[str]:
+    """Start ``trioai serve`` against a dead upstream, wait until it listens, SIGTERM it; its stderr lines."""
+    command = [sys.executable, "-m", "trioai", "serve", "--port", "0", "--upstream", "http://127.0.0.1:9/v1", *options]
+    async with trio.open_nursery() as nursery:
+        process: trio.Process = await nursery.start(
+            partial(trio.run_process, command, check=False, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                    env={**os.environ, **(env or {})})
+        )
+        assert process.stderr is not None
+        seen = bytearray()
+        await read_until(process.stderr, r"listening on", seen)
+        process.send_signal(signal.SIGTERM)
+        await read_until(process.stderr, r"draining: 0", seen)
+    assert process.returncode == 0
+    return seen.decode().splitlines()
+
+
+async def test_json_logs_are_one_object_per_line() -> None:
+    lines = await run_briefly("--log-format", "json")
+    entries = [json.loads(line) for line in lines]
+    assert entries[0]["level"] == "info"
+    assert entries[0]["logger"] == "trioai.server"
+    assert entries[0]["message"].startswith("listening on ws://127.0.0.1:")
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", entries[0]["time"])
+
+
+async def test_under_journald_lines_carry_no_timestamp() -> None:
+    lines = await run_briefly(env={"JOURNAL_STREAM": "8:1234"})
+    assert lines[0].startswith("INFO trioai.server: listening on ws://")
+    plain = await run_briefly()
+    assert re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} INFO trioai.server: listening on", plain[0])
+
+
+def test_bad_log_format_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["serve", "--log-format", "xml"]) == 2
+    assert "log_format must be text or json" in capsys.readouterr().err

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import signal
 import sys
+import time
 from collections.abc import Sequence
 from functools import partial
 from typing import Any
@@ -45,12 +47,34 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def setup_logging(level: str) -> None:
-    """Log lines to stderr; journald adds its own timestamps, so none are printed under it."""
-    fmt = "%(levelname)s %(name)s: %(message)s"
-    if "JOURNAL_STREAM" not in os.environ:
-        fmt = "%(asctime)s " + fmt
-    logging.basicConfig(level=level.upper(), format=fmt, stream=sys.stderr, force=True)
+class JSONFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message (and the traceback, if any)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S") + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["traceback"] = self.formatException(record.exc_info)
+        return json.dumps(entry, ensure_ascii=False)
+
+
+def setup_logging(level: str, log_format: str = "text") -> None:
+    """Log to stderr, as text lines or JSON objects; under journald, without our own timestamps."""
+    handler = logging.StreamHandler(sys.stderr)
+    if log_format == "json":
+        formatter: logging.Formatter = JSONFormatter()
+        formatter.converter = time.gmtime
+    else:
+        fmt = "%(levelname)s %(name)s: %(message)s"
+        if "JOURNAL_STREAM" not in os.environ:
+            fmt = "%(asctime)s " + fmt
+        formatter = logging.Formatter(fmt)
+    handler.setFormatter(formatter)
+    logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
     # httpx logs every request at INFO; one line per generation is ours to write.
     logging.getLogger("httpx").setLevel(logging.WARNING)
 
@@ -109,7 +133,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         except ConfigError as exc:
             print(f"trioai: {exc}", file=sys.stderr)
             return 2
-        setup_logging(settings.log_level)
+        setup_logging(settings.log_level, settings.log_format)
         return _run(settings)
     return 2
 

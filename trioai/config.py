@@ -77,6 +77,7 @@ class Settings:
     local_ctx: int = _setting(2048, "context length of the embedded engine", minimum=256)
     local_start_timeout: float = _setting(180.0, "seconds the embedded engine has to start", minimum=1.0)
     log_level: str = _setting("info", "debug, info, warning or error")
+    log_format: str = _setting("text", "text (one line per event) or json (one object per line, for log shippers)")
 
     def limits(self) -> Limits:
         """The protocol's validation bounds."""
@@ -161,4 +162,6 @@ def load_settings(
         values[name] = convert(fields[name], value, "--" + name.replace("_", "-"))
     if values.get("log_level", "info") not in ("debug", "info", "warning", "error"):
         raise ConfigError(f"log_level must be debug, info, warning or error, got {values['log_level']!r}")
+    if values.get("log_format", "text") not in ("text", "json"):
+        raise ConfigError(f"log_format must be text or json, got {values['log_format']!r}")
     return Settings(**values)
