@@ -35,6 +35,8 @@ class Settings:
 
     host: str = _setting("127.0.0.1", "interface to listen on")
     port: int = _setting(8080, "WebSocket port (0 picks a free one)", minimum=0)
+    certfile: str | None = _setting(None, "TLS certificate chain (PEM) to serve wss:// directly, without Nginx")
+    keyfile: str | None = _setting(None, "TLS private key (PEM) for --certfile (unset: in the certfile)")
     http_host: str = _setting("127.0.0.1", "interface of the health and metrics HTTP port")
     http_port: int | None = _setting(
         None, "HTTP port for /healthz, /readyz and /metrics (unset: none; 0 picks a free one)", minimum=0
@@ -164,4 +166,6 @@ def load_settings(
         raise ConfigError(f"log_level must be debug, info, warning or error, got {values['log_level']!r}")
     if values.get("log_format", "text") not in ("text", "json"):
         raise ConfigError(f"log_format must be text or json, got {values['log_format']!r}")
+    if values.get("keyfile") and not values.get("certfile"):
+        raise ConfigError("keyfile needs certfile")
     return Settings(**values)

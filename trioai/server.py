@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
+import ssl
 from dataclasses import dataclass
 from typing import Final
 
@@ -56,6 +57,7 @@ class RunningServer:
     gateway: Gateway
     server: Server
     http_port: int | None = None
+    tls: bool = False
 
     @property
     def http_url(self) -> str | None:
@@ -68,9 +70,9 @@ class RunningServer:
 
     @property
     def url(self) -> str:
-        """The chat endpoint, e.g. ``ws://127.0.0.1:8080/ws/chat``."""
+        """The chat endpoint, e.g. ``ws://127.0.0.1:8080/ws/chat`` (``wss://`` with TLS)."""
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"ws://{host}:{self.port}{CHAT_PATH}"
+        return f"{'wss' if self.tls else 'ws'}://{host}:{self.port}{CHAT_PATH}"
 
 
 class Server:
@@ -186,6 +188,13 @@ class Server:
             )
 
 
+def server_tls_context(certfile: str, keyfile: str | None) -> ssl.SSLContext:
+    """A TLS server context with the default (secure) protocol and cipher choices."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(certfile, keyfile)
+    return context
+
+
 def make_upstream(settings: Settings, base_url: str) -> Upstream:
     """The shared upstream client configured from ``settings``."""
     return Upstream(
@@ -224,6 +233,11 @@ async def serve(
         gateway = Gateway(settings, upstream, engine=engine)
         if not listeners:
             listeners = await trio.open_tcp_listeners(settings.port, host=settings.host)
+        sockname = listeners[0].socket.getsockname()
+        ws_listeners: list[trio.SSLListener[trio.SocketStream] | trio.SocketListener] = list(listeners)
+        if settings.certfile:
+            tls = server_tls_context(settings.certfile, settings.keyfile)
+            ws_listeners = [trio.SSLListener(listener, tls, https_compatible=True) for listener in listeners]
         server = Server(gateway)
         async with trio.open_nursery() as services:
             http_port = None
@@ -232,7 +246,7 @@ async def serve(
             async with trio.open_nursery() as connections:
                 ws_server = WebSocketServer(
                     server.handle,
-                    listeners,
+                    ws_listeners,
                     handler_nursery=connections,
                     message_queue_size=MESSAGE_QUEUE_SIZE,
                     max_message_size=settings.max_message_size,
@@ -241,8 +255,9 @@ async def serve(
                 )
                 async with trio.open_nursery() as accepting:
                     await accepting.start(ws_server.run)
-                    sockname = listeners[0].socket.getsockname()
-                    running = RunningServer(str(sockname[0]), int(sockname[1]), gateway, server, http_port)
+                    running = RunningServer(
+                        str(sockname[0]), int(sockname[1]), gateway, server, http_port, tls=bool(settings.certfile)
+                    )
                     log.info("listening on %s (upstream %s)", running.url, base_url)
                     task_status.started(running)
                     if drain is None:

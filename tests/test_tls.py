@@ -1,0 +1,70 @@
+"""wss:// served directly with --certfile/--keyfile (for deployments without Nginx)."""
+
+from __future__ import annotations
+
+import ssl
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import trio
+from trio_websocket import HandshakeError, open_websocket_url
+
+from .conftest import StartGateway
+from .helpers import chat, collect_until_terminal, send
+
+
+@pytest.fixture(scope="module")
+def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1, made with the openssl command."""
+    tmp = tmp_path_factory.mktemp("tls")
+    cert, key = tmp / "cert.pem", tmp / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=127.0.0.1",
+         "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True,
+    )
+    return cert, key
+
+
+async def test_wss_streams_with_a_trusted_certificate(
+    start_gateway: StartGateway, certificate: tuple[Path, Path]
+) -> None:
+    cert, key = certificate
+    server = await start_gateway(certfile=str(cert), keyfile=str(key))
+    assert server.url.startswith("wss://127.0.0.1:")
+    client_tls = ssl.create_default_context(cafile=str(cert))
+    async with open_websocket_url(server.url, ssl_context=client_tls) as ws:
+        await send(ws, chat("secure words", max_tokens=4))
+        events = next(iter((await collect_until_terminal(ws)).values()))
+    assert events[-1]["type"] == "done"
+    assert "".join(e["content"] for e in events if e["type"] == "token") == "secure words secure words "
+
+
+async def test_plain_ws_to_the_tls_port_fails_and_harms_nothing(
+    start_gateway: StartGateway, certificate: tuple[Path, Path]
+) -> None:
+    cert, key = certificate
+    # trio-websocket notices the failed TLS handshake only when the WebSocket handshake times out.
+    server = await start_gateway(certfile=str(cert), keyfile=str(key), handshake_timeout=1.0)
+    with pytest.raises(HandshakeError), trio.fail_after(5):
+        async with open_websocket_url(server.url.replace("wss://", "ws://")):
+            pass
+    client_tls = ssl.create_default_context(cafile=str(cert))
+    async with open_websocket_url(server.url, ssl_context=client_tls) as ws:
+        await send(ws, chat("ok", max_tokens=1))
+        events = next(iter((await collect_until_terminal(ws)).values()))
+    assert events[-1]["type"] == "done"
+
+
+async def test_unreadable_certificate_is_a_clean_startup_failure(tmp_path: Path) -> None:
+    missing = tmp_path / "missing.pem"
+    result = await trio.run_process(
+        [sys.executable, "-m", "trioai", "serve", "--port", "0", "--upstream", "http://127.0.0.1:9/v1",
+         "--certfile", str(missing)],
+        check=False, capture_stderr=True,
+    )
+    assert result.returncode == 1
+    assert b"cannot start" in result.stderr
+    assert b"Traceback" not in result.stderr
