@@ -2,12 +2,14 @@
 
 Task tree::
 
-    serve                         owns the upstream client (closed on exit)
-    └── connections nursery       trio-websocket's handler nursery: outlives accepting, for the drain
-        ├── accepting nursery
-        │   └── WebSocketServer.run   serve_listeners, one accept loop per listener
-        └── per connection: trio-websocket's reader task and _handle_connection
-            └── Server.handle → Session.run (see session.py for the tasks below it)
+    serve                             owns the upstream client (closed on exit)
+    └── services nursery
+        ├── serve_http                health, readiness, metrics (when --http-port is set)
+        └── connections nursery       trio-websocket's handler nursery: outlives accepting, for the drain
+            ├── accepting nursery
+            │   └── WebSocketServer.run   serve_listeners, one accept loop per listener
+            └── per connection: trio-websocket's reader task and _handle_connection
+                └── Server.handle → Session.run (see session.py for the tasks below it)
 
 Graceful drain (when the ``drain`` event is set): the accepting nursery is cancelled, which closes
 the listeners; every session is told to drain (no new requests, close 1001 when idle); after
