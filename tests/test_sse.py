@@ -1,0 +1,169 @@
+"""Server-sent events and OpenAI chunks, sans I/O."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from trioai.errors import ErrorCode, UpstreamError
+from trioai.sse import DONE, Chunk, SSEDecoder, parse_chunk, stream_error
+
+VLLM_STREAM = (
+    b'data: {"id":"c1","object":"chat.completion.chunk","choices":[{"index":0,"delta":{"role":"assistant",'
+    b'"content":""},"finish_reason":null}]}\n\n'
+    b": keep-alive\n\n"
+    b'data: {"id":"c1","object":"chat.completion.chunk","choices":[{"index":0,"delta":{"content":"Hi \xc3\xbc"},'
+    b'"finish_reason":null}]}\n\n'
+    b'data: {"id":"c1","object":"chat.completion.chunk","choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}'
+    b"\n\n"
+    b'data: {"id":"c1","object":"chat.completion.chunk","choices":[],"usage":{"prompt_tokens":9,'
+    b'"completion_tokens":2,"total_tokens":11}}\n\n'
+    b"data: [DONE]\n\n"
+)
+
+
+def decode_all(data: bytes, pieces: list[int]) -> list[str]:
+    """Feed ``data`` cut at the given offsets."""
+    decoder = SSEDecoder()
+    events: list[str] = []
+    start = 0
+    for cut in [*sorted(pieces), len(data)]:
+        events += decoder.feed(data[start:cut])
+        start = cut
+    return events
+
+
+def test_a_vllm_stream_decodes_to_its_chunks() -> None:
+    events = SSEDecoder().feed(VLLM_STREAM)
+    chunks = [parse_chunk(e) for e in events]
+    assert chunks == [
+        Chunk(),
+        Chunk(content="Hi ü"),
+        Chunk(finish_reason="stop"),
+        Chunk(prompt_tokens=9, completion_tokens=2),
+        DONE,
+    ]
+    assert chunks[3].has_usage and not chunks[1].has_usage
+
+
+def test_every_split_point_gives_the_same_events() -> None:
+    whole = SSEDecoder().feed(VLLM_STREAM)
+    for cut in range(len(VLLM_STREAM) + 1):
+        assert decode_all(VLLM_STREAM, [cut]) == whole, cut
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(0, len(VLLM_STREAM)), max_size=12))
+def test_any_fragmentation_gives_the_same_events(cuts: list[int]) -> None:
+    assert decode_all(VLLM_STREAM, cuts) == SSEDecoder().feed(VLLM_STREAM)
+
+
+@pytest.mark.parametrize("newline", [b"\n", b"\r\n", b"\r"])
+def test_all_three_line_endings(newline: bytes) -> None:
+    stream = b"data: a" + newline + newline + b"data: b" + newline + newline
+    decoder = SSEDecoder()
+    events = decoder.feed(stream)
+    if newline == b"\r":
+        # A final \r may be half of a \r\n: the last event is complete once the next byte comes.
+        assert events == ["a"]
+        events += decoder.feed(b":")
+    assert events == ["a", "b"]
+    # A \r\n split between two feeds is one line end, not two.
+    decoder = SSEDecoder()
+    assert decoder.feed(b"data: a\r") == []
+    assert decoder.feed(b"\n\r\n") == ["a"]
+
+
+def test_multi_line_data_is_joined_with_newlines() -> None:
+    assert SSEDecoder().feed(b"data: line one\ndata: line two\ndata:three\n\n") == ["line one\nline two\nthree"]
+
+
+def test_comments_other_fields_and_events_without_data_are_skipped() -> None:
+    stream = b": comment\nevent: ping\nid: 7\nretry: 1000\n\n: another\n\ndata: x\n\n"
+    assert SSEDecoder().feed(stream) == ["x"]
+
+
+def test_only_one_leading_space_is_removed() -> None:
+    assert SSEDecoder().feed(b"data:  two spaces\n\n") == [" two spaces"]
+
+
+def test_an_event_needs_its_blank_line() -> None:
+    decoder = SSEDecoder()
+    assert decoder.feed(b"data: pending\n") == []
+    assert decoder.feed(b"\n") == ["pending"]
+
+
+def test_multibyte_characters_split_across_feeds() -> None:
+    decoder = SSEDecoder()
+    encoded = "data: 🦜ü\n\n".encode()
+    events = []
+    for i in range(len(encoded)):
+        events += decoder.feed(encoded[i : i + 1])
+    assert events == ["🦜ü"]
+
+
+def test_an_over_long_line_is_an_upstream_error_not_unbounded_memory() -> None:
+    decoder = SSEDecoder(max_line_bytes=1024)
+    decoder.feed(b"data: " + b"x" * 1000)
+    with pytest.raises(UpstreamError) as caught:
+        decoder.feed(b"x" * 100)
+    assert caught.value.code is ErrorCode.UPSTREAM_ERROR
+    assert "longer than 1024 bytes" in caught.value.message
+    # Complete lines of any count are fine as long as each is short.
+    assert len(SSEDecoder(max_line_bytes=1024).feed(b"data: y\n\n" * 1000)) == 1000
+
+
+def test_chunk_with_a_finish_reason_and_content() -> None:
+    data = '{"choices":[{"index":0,"delta":{"content":"end"},"finish_reason":"length"}]}'
+    assert parse_chunk(data) == Chunk(content="end", finish_reason="length")
+
+
+def test_reasoning_and_tool_deltas_carry_no_content() -> None:
+    assert parse_chunk('{"choices":[{"delta":{"reasoning_content":"hmm"}}]}') == Chunk()
+    assert parse_chunk('{"choices":[{"delta":{"content":null,"tool_calls":[]}}]}') == Chunk()
+
+
+def test_usage_without_prompt_tokens() -> None:
+    chunk = parse_chunk('{"choices":[],"usage":{"completion_tokens":5}}')
+    assert chunk == Chunk(completion_tokens=5)
+    assert chunk.has_usage
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ("not json", "not JSON"),
+        ("[1, 2]", "not an object"),
+        ('{"choices": ["x"]}', "malformed 'choices'"),
+        ('{"choices": {"a": 1}}', "malformed 'choices'"),
+        ("[" * 50_000 + "]" * 50_000, "not JSON"),
+    ],
+)
+def test_malformed_chunks_are_upstream_errors(data: str, message: str) -> None:
+    with pytest.raises(UpstreamError) as caught:
+        parse_chunk(data)
+    assert caught.value.code is ErrorCode.UPSTREAM_ERROR
+    assert message in caught.value.message
+
+
+def test_in_stream_error_objects() -> None:
+    with pytest.raises(UpstreamError) as caught:
+        parse_chunk(json.dumps({"error": {"message": "CUDA out of memory", "type": "InternalServerError",
+                                          "code": 500}}))
+    assert (caught.value.code, caught.value.message) == (ErrorCode.UPSTREAM_ERROR, "CUDA out of memory")
+    # vLLM's flat ErrorResponse, with a 4xx code: the client's request was at fault.
+    flat = {"object": "error", "message": "max_tokens is too large", "type": "BadRequestError", "code": 400}
+    with pytest.raises(UpstreamError) as caught:
+        parse_chunk(json.dumps(flat))
+    assert (caught.value.code, caught.value.message) == (ErrorCode.INVALID_REQUEST, "max_tokens is too large")
+
+
+def test_stream_error_without_a_message_and_with_a_huge_one() -> None:
+    assert stream_error({"error": "boom"}).message == "boom"
+    assert stream_error({"error": {}}).message == "engine reported an error mid-stream"
+    assert stream_error({"error": {"message": "x", "code": 429}}).code is ErrorCode.UPSTREAM_ERROR
+    huge = stream_error({"error": {"message": "y" * 10_000}})
+    assert len(huge.message) == 1000 and huge.message.endswith("…")
