@@ -1,0 +1,157 @@
+"""The per-connection outbox: order, coalescing, bounds and backpressure, with no socket involved."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+
+from trioai.outbox import CloseFrame, Outbox
+from trioai.protocol import Cancelled, Done, Pong, Started, Usage
+
+
+async def drain(outbox: Outbox) -> list[Any]:
+    """Every frame queued now, decoded (CloseFrame kept as is)."""
+    frames: list[Any] = []
+    while len(outbox):
+        frame = await outbox.next_frame()
+        frames.append(frame if isinstance(frame, CloseFrame) else json.loads(frame))
+    return frames
+
+
+async def test_frames_keep_fifo_order_across_streams_and_control() -> None:
+    outbox = Outbox()
+    a, b = outbox.stream("a"), outbox.stream("b")
+    a.event(Started("a", "m"))
+    await a.token("x")
+    b.event(Started("b", "m"))
+    await outbox.send_control(Pong(1))
+    await b.token("y")
+    assert await drain(outbox) == [
+        {"type": "start", "id": "a", "model": "m"},
+        {"type": "token", "id": "a", "content": "x"},
+        {"type": "start", "id": "b", "model": "m"},
+        {"type": "pong", "id": 1},
+        {"type": "token", "id": "b", "content": "y"},
+    ]
+
+
+async def test_unsent_tokens_coalesce_in_order_and_the_terminal_comes_last() -> None:
+    outbox = Outbox()
+    a = outbox.stream("a")
+    for piece in ["Hel", "lo", ", ", "wor", "ld"]:
+        await a.token(piece)
+    a.event(Done("a", "stop", Usage(1, 5), 1.0, 2.0))
+    frames = await drain(outbox)
+    assert frames[0] == {"type": "token", "id": "a", "content": "Hello, world"}
+    assert [f["type"] for f in frames] == ["token", "done"]
+    # Tokens after the slot was taken start a new frame.
+    b = outbox.stream("b")
+    await b.token("1")
+    assert await drain(outbox) == [{"type": "token", "id": "b", "content": "1"}]
+    await b.token("2")
+    assert await drain(outbox) == [{"type": "token", "id": "b", "content": "2"}]
+
+
+async def test_nothing_after_a_terminal_event() -> None:
+    outbox = Outbox()
+    a = outbox.stream("a")
+    a.event(Cancelled("a"))
+    assert a.finished
+    with pytest.raises(RuntimeError):
+        await a.token("late")
+    with pytest.raises(RuntimeError):
+        a.event(Cancelled("a"))
+    a.queued(3)  # ignored after the end
+    assert await drain(outbox) == [{"type": "cancelled", "id": "a"}]
+
+
+async def test_queue_positions_keep_only_the_latest() -> None:
+    outbox = Outbox()
+    a = outbox.stream("a")
+    for position in (5, 4, 3):
+        a.queued(position)
+    assert await drain(outbox) == [{"type": "queued", "id": "a", "position": 3}]
+    a.queued(2)
+    assert await drain(outbox) == [{"type": "queued", "id": "a", "position": 2}]
+
+
+async def test_a_full_stream_waits_and_resumes_when_drained() -> None:
+    outbox = Outbox(stream_buffer_bytes=10)
+    slow = outbox.stream("slow")
+    other = outbox.stream("other")
+    done = trio.Event()
+
+    async def producer() -> None:
+        await slow.token("0123456789")  # reaches the bound: waits for the writer
+        await slow.token("more")
+        done.set()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(producer)
+        await trio.testing.wait_all_tasks_blocked()
+        assert not done.is_set()
+        # Another stream and control events are not held up by the full one.
+        await other.token("free")
+        await outbox.send_control(Pong(None))
+        frames = [json.loads(await outbox.next_frame()) for _ in range(3)]
+        assert frames == [
+            {"type": "token", "id": "slow", "content": "0123456789"},
+            {"type": "token", "id": "other", "content": "free"},
+            {"type": "pong", "id": None},
+        ]
+        await trio.testing.wait_all_tasks_blocked()
+        assert done.is_set()
+    assert await drain(outbox) == [{"type": "token", "id": "slow", "content": "more"}]
+
+
+async def test_control_events_wait_when_max_control_are_unsent() -> None:
+    outbox = Outbox(max_control=2)
+    sent = 0
+
+    async def receiver() -> None:
+        nonlocal sent
+        for i in range(3):
+            await outbox.send_control(Pong(i))
+            sent += 1
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(receiver)
+        await trio.testing.wait_all_tasks_blocked()
+        assert sent == 2  # the third waits
+        assert json.loads(await outbox.next_frame()) == {"type": "pong", "id": 0}
+        await trio.testing.wait_all_tasks_blocked()
+        assert sent == 3
+    assert [f["id"] for f in await drain(outbox)] == [1, 2]
+
+
+async def test_next_frame_waits_for_a_frame() -> None:
+    outbox = Outbox()
+    got: list[str] = []
+
+    async def writer() -> None:
+        frame = await outbox.next_frame()
+        assert isinstance(frame, str)
+        got.append(frame)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(writer)
+        await trio.testing.wait_all_tasks_blocked()
+        assert got == []
+        outbox.stream("a").event(Started("a", "m"))
+    assert json.loads(got[0])["type"] == "start"
+
+
+async def test_close_comes_after_everything_queued_before_it() -> None:
+    outbox = Outbox()
+    a = outbox.stream("a")
+    await a.token("last words")
+    outbox.close(1001, "bye")
+    outbox.close(1000, "again")  # only the first close counts
+    a.event(Cancelled("a"))  # dropped: the socket is closing
+    await outbox.send_control(Pong(None))  # dropped too, without waiting
+    assert await drain(outbox) == [{"type": "token", "id": "a", "content": "last words"},
+                                   CloseFrame(1001, "bye")]
