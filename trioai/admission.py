@@ -29,6 +29,11 @@ class Admission:
         return len(self._waiting)
 
     @property
+    def full(self) -> bool:
+        """Whether a new request would have to wait."""
+        return self.limiter.available_tokens == 0 or bool(self._waiting)
+
+    @property
     def running(self) -> int:
         """How many requests hold capacity now."""
         return int(self.limiter.borrowed_tokens)

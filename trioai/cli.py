@@ -16,8 +16,9 @@ from typing import Any
 import trio
 
 from . import __version__
+from .auth import KeyFileError
 from .config import ConfigError, Settings, load_settings, setting_fields
-from .server import serve
+from .server import Server, serve
 from .systemd import Notifier, inherited_sockets, listeners_from
 
 log = logging.getLogger("trioai")
@@ -99,6 +100,7 @@ async def run_server(settings: Settings, notifier: Notifier | None = None) -> No
         else:
             target = partial(serve, settings, listeners=listeners, drain=drain)
         running = await nursery.start(_run_then_stop, target, nursery.cancel_scope)
+        nursery.start_soon(_reload_on_sighup, running.server)
         notifier.notify("READY=1", f"STATUS=serving {running.url}")
 
 
@@ -107,6 +109,12 @@ async def _run_then_stop(
 ) -> None:
     await target(task_status=task_status)
     scope.cancel()  # the drain is over: stop the signal handler and the watchdog too
+
+
+async def _reload_on_sighup(server: Server) -> None:
+    with trio.open_signal_receiver(signal.SIGHUP) as signals:
+        async for _ in signals:
+            server.reload_keys()
 
 
 async def _handle_signals(drain: trio.Event, scope: trio.CancelScope, notifier: Notifier) -> None:
@@ -144,7 +152,7 @@ def _run(settings: Settings) -> int:
     failure: BaseException | None = None
     try:
         trio.run(run_server, settings)
-    except* (EngineMissing, EngineFailed, OSError) as group:
+    except* (EngineMissing, EngineFailed, OSError, KeyFileError) as group:
         failure = group.exceptions[0]
     if failure is not None:
         log.error("cannot start: %s", failure)

@@ -46,9 +46,20 @@ class Settings:
         "base URL of an OpenAI-compatible API, e.g. http://127.0.0.1:8000/v1 for vLLM "
         "(unset: start the embedded local engine)",
     )
+    api_keys_file: str | None = _setting(
+        None, "file of accepted client API keys, one per line, reloaded on SIGHUP (unset: no authentication)"
+    )
+    allowed_origins: str | None = _setting(
+        None, "comma-separated Origin values browsers may connect from (unset: any); others get 403"
+    )
+    max_connections: int = _setting(10000, "open WebSocket connections at most; more get 503 at the handshake",
+                                    minimum=1)
     upstream_api_key: str | None = _setting(None, "bearer token sent to the upstream (never logged)")
     model: str | None = _setting(None, "model name to request (unset: the first one the upstream lists)")
     max_concurrency: int = _setting(16, "generations running upstream at once, across all clients", minimum=1)
+    max_queue: int | None = _setting(
+        None, "generations that may wait for capacity; beyond it, 'overloaded' at once (unset: no cap)", minimum=0
+    )
     max_streams_per_connection: int = _setting(8, "generations one connection may run at once", minimum=1)
     max_message_size: int = _setting(1 << 20, "largest client frame in bytes (larger: close 1009)", minimum=1024)
     max_messages: int = _setting(256, "most entries in a request's 'messages'", minimum=1)
@@ -80,6 +91,12 @@ class Settings:
     local_start_timeout: float = _setting(180.0, "seconds the embedded engine has to start", minimum=1.0)
     log_level: str = _setting("info", "debug, info, warning or error")
     log_format: str = _setting("text", "text (one line per event) or json (one object per line, for log shippers)")
+
+    def origins(self) -> tuple[str, ...]:
+        """``allowed_origins`` as a tuple (empty: any origin)."""
+        if not self.allowed_origins:
+            return ()
+        return tuple(o.strip().rstrip("/") for o in self.allowed_origins.split(",") if o.strip())
 
     def limits(self) -> Limits:
         """The protocol's validation bounds."""

@@ -31,6 +31,8 @@ class ErrorCode(enum.StrEnum):
     UNKNOWN_ID = "unknown_id"
     NOTHING_TO_CANCEL = "nothing_to_cancel"
     TOO_MANY_STREAMS = "too_many_streams"
+    # Capacity: retry later (after ``retry_after`` seconds when given).
+    OVERLOADED = "overloaded"
     # The engine's side: retry later, or report.
     UPSTREAM_UNAVAILABLE = "upstream_unavailable"
     UPSTREAM_TIMEOUT = "upstream_timeout"

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Final, Protocol
 
 import trio
 
@@ -24,6 +24,8 @@ from .protocol import ChatRequest, Done, Error, RequestId, Started, Usage
 from .upstream import Upstream
 
 log = logging.getLogger("trioai.gateway")
+
+OVERLOADED_RETRY_AFTER: Final = 1.0
 
 
 class EngineWatch(Protocol):
@@ -84,6 +86,11 @@ class Gateway:
         """Run one generation, sending its events through ``sender``; return its terminal event."""
         try:
             model = await self.model()
+            max_queue = self.settings.max_queue
+            if max_queue is not None and self.admission.full and self.admission.queued >= max_queue:
+                return Error(request_id, ErrorCode.OVERLOADED,
+                             f"{self.admission.queued} requests are already waiting for capacity; retry later",
+                             retry_after=OVERLOADED_RETRY_AFTER)
             sender.event(Started(request_id, model))
             async with self.admission.slot(sender.queued):
                 stats.admitted_at = trio.current_time()

@@ -30,6 +30,9 @@ class Metrics:
         self.streams_queued = Gauge("trioai_streams_queued", "Generations waiting for capacity", registry=r)
         self.draining = Gauge("trioai_draining", "1 while the server drains before exiting", registry=r)
         self.connections = Counter("trioai_connections", "WebSocket connections accepted", registry=r)
+        self.handshakes_rejected = Counter(
+            "trioai_handshakes_rejected", "Handshakes refused, by HTTP status (401, 403, 503)", ["status"], registry=r
+        )
         self.requests = Counter(
             "trioai_requests", "Finished generations by outcome (done, cancelled, error, aborted) and error code",
             ["outcome", "code"], registry=r,

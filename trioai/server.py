@@ -33,6 +33,7 @@ from typing import Final
 import trio
 from trio_websocket import ConnectionClosed, WebSocketRequest, WebSocketServer
 
+from .auth import KeyFileError, KeySet, Rejection, check_handshake
 from .config import Settings
 from .gateway import EngineWatch, Gateway
 from .http import Response, Route, serve_http
@@ -82,6 +83,9 @@ class Server:
 
     def __init__(self, gateway: Gateway) -> None:
         self.gateway = gateway
+        settings = gateway.settings
+        self.keys = KeySet.load(settings.api_keys_file) if settings.api_keys_file else None
+        self.origins = settings.origins()
         self.sessions: set[Session] = set()
         self.draining = False
         self._conn_ids = itertools.count(1)
@@ -99,6 +103,19 @@ class Server:
     def open_connections(self) -> int:
         """Connections with a running session."""
         return len(self.sessions)
+
+    def reload_keys(self) -> None:
+        """Read the API keys file again (on SIGHUP); on failure keep the keys in use."""
+        path = self.gateway.settings.api_keys_file
+        if path is None:
+            log.info("no API keys file configured: nothing to reload")
+            return
+        try:
+            self.keys = KeySet.load(path)
+        except KeyFileError as exc:
+            log.error("keeping the current API keys: %s", exc)
+        else:
+            log.info("reloaded %d API key(s) from %s", len(self.keys.digests), path)
 
     def routes(self) -> dict[str, Route]:
         """The operations HTTP port's endpoints."""
@@ -154,8 +171,25 @@ class Server:
             with contextlib.suppress(ConnectionClosed):
                 await request.reject(404, body=f"not found; the chat endpoint is {CHAT_PATH}\n".encode())
             return
+        if len(self.sessions) >= self.gateway.settings.max_connections:
+            self.gateway.metrics.handshakes_rejected.labels("503").inc()
+            with contextlib.suppress(ConnectionClosed):
+                await request.reject(503, body=b"too many connections; retry later\n")
+            return
+        decision = check_handshake(
+            keys=self.keys,
+            allowed_origins=self.origins,
+            headers=request.headers,
+            subprotocols=request.proposed_subprotocols,
+            target=request.path,
+        )
+        if isinstance(decision, Rejection):
+            self.gateway.metrics.handshakes_rejected.labels(str(decision.status)).inc()
+            with contextlib.suppress(ConnectionClosed):
+                await request.reject(decision.status, body=f"{decision.reason}\n".encode())
+            return
         try:
-            ws = await request.accept()
+            ws = await request.accept(subprotocol=decision.subprotocol)
         except ConnectionClosed:
             return
         self.gateway.metrics.connections.inc()
@@ -168,7 +202,7 @@ class Server:
         self._no_sessions = trio.Event()
         if self.draining:
             session.drain()
-        log.info("connection conn=%d open peer=%s", conn_id, peer)
+        log.info("connection conn=%d open peer=%s key=%s", conn_id, peer, decision.key_id or "-")
         try:
             await session.run()
         except Exception:
