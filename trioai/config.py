@@ -78,6 +78,14 @@ class Settings:
     )
     ping_timeout: float = _setting(20.0, "seconds a client has to answer a ping before it is disconnected",
                                    minimum=0.001)
+    send_timeout: float = _setting(
+        30.0, "seconds a client may read nothing while the server has frames for it, before it is "
+        "disconnected (1008) and its generations aborted", minimum=0.001
+    )
+    idle_timeout: float = _setting(
+        0.0, "seconds a connection may run no generation and send nothing before it is closed (0: never)",
+        minimum=0.0
+    )
     drain_timeout: float = _setting(
         30.0, "seconds active generations may finish after SIGTERM before they are ended", minimum=0.0
     )

@@ -45,7 +45,9 @@ from .protocol import (
 log = logging.getLogger("trioai.session")
 
 SERVER_ID_PREFIX: Final = "r"
+CLOSE_NORMAL: Final = 1000
 CLOSE_GOING_AWAY: Final = 1001
+CLOSE_POLICY_VIOLATION: Final = 1008
 
 
 class Session:
@@ -61,6 +63,8 @@ class Session:
         self.requests = 0
         self.draining = False
         self._stopping = False
+        self._last_activity = trio.current_time()
+        self._activity = trio.Event()
 
     def drain(self) -> None:
         """Take no new requests; close with 1001 once the active ones have ended."""
@@ -81,6 +85,8 @@ class Session:
             nursery.start_soon(self._write_loop, nursery.cancel_scope)
             if self.gateway.settings.ping_interval > 0:
                 nursery.start_soon(self._heartbeat, nursery.cancel_scope)
+            if self.gateway.settings.idle_timeout > 0:
+                nursery.start_soon(self._close_when_idle)
             try:
                 await self._receive_loop(nursery)
             finally:
@@ -93,6 +99,7 @@ class Session:
                 data = await self.ws.get_message()
             except ConnectionClosed:
                 return
+            self._touch()
             try:
                 event = parse_client_event(data, limits)
             except ProtocolError as exc:
@@ -180,6 +187,7 @@ class Session:
                     sender.event(Cancelled(request_id))
         finally:
             del self.active[request_id]
+            self._touch()
             if self.draining and not self.active:
                 self.outbox.close(CLOSE_GOING_AWAY, "server shutting down")
             duration = trio.current_time() - stats.received_at
@@ -208,6 +216,38 @@ class Session:
             log.exception("request conn=%d id=%s failed unexpectedly", self.conn_id, request_id)
             return Error(request_id, ErrorCode.INTERNAL_ERROR, "internal error in the gateway")
 
+    async def _drop_stalled_client(self, session_scope: trio.CancelScope) -> None:
+        """The client read nothing for ``send_timeout``: abort its generations and disconnect.
+
+        The interrupted send may have left part of a frame on the wire, so the 1008 close frame
+        is only a best effort: the TCP connection is closed either way.
+        """
+        settings = self.gateway.settings
+        log.info("connection conn=%d read nothing for %g s, disconnecting", self.conn_id, settings.send_timeout)
+        session_scope.cancel()
+        with trio.move_on_after(min(settings.close_timeout, 1.0)) as scope:
+            scope.shield = True
+            await self.ws.aclose(CLOSE_POLICY_VIOLATION, "client too slow")
+
+    def _touch(self) -> None:
+        self._last_activity = trio.current_time()
+        self._activity.set()
+        self._activity = trio.Event()
+
+    async def _close_when_idle(self) -> None:
+        """Close with 1000 after ``idle_timeout`` with no generation running and no client frame."""
+        idle_timeout = self.gateway.settings.idle_timeout
+        while True:
+            if self.active:
+                await self._activity.wait()  # a stream ending touches
+                continue
+            with trio.move_on_at(self._last_activity + idle_timeout):
+                await self._activity.wait()
+                continue
+            log.info("connection conn=%d idle for %g s, closing", self.conn_id, idle_timeout)
+            self.outbox.close(CLOSE_NORMAL, "idle timeout")
+            return
+
     async def _heartbeat(self, session_scope: trio.CancelScope) -> None:
         """Ping every ``ping_interval``; a client that does not answer in ``ping_timeout`` is dropped.
 
@@ -223,7 +263,7 @@ class Session:
                 with trio.move_on_after(settings.ping_timeout):
                     await self.ws.ping()
                     continue
-                log.info("connection conn=%d: no pong within %.0f s, disconnecting", self.conn_id,
+                log.info("connection conn=%d: no pong within %g s, disconnecting", self.conn_id,
                          settings.ping_timeout)
                 session_scope.cancel()
                 return
@@ -239,7 +279,11 @@ class Session:
                         await self.ws.aclose(frame.code, frame.reason)
                     session_scope.cancel()
                     return
-                await self.ws.send_message(frame)
+                with trio.move_on_after(self.gateway.settings.send_timeout) as send_scope:
+                    await self.ws.send_message(frame)
+                if send_scope.cancelled_caught:
+                    await self._drop_stalled_client(session_scope)
+                    return
         except ConnectionClosed:
             # The client is gone: stop the receive loop and every generation with it.
             session_scope.cancel()

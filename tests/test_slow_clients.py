@@ -1,0 +1,110 @@
+"""Slow and idle clients: bounded buffering, a stalled reader dropped, others unaffected; idle close."""
+
+from __future__ import annotations
+
+import json
+import socket
+from typing import Any
+
+import pytest
+import trio
+from trio_websocket import ConnectionClosed, open_websocket_url
+from wsproto import ConnectionType, WSConnection
+from wsproto.events import AcceptConnection, Request, TextMessage
+
+from trioai.fake_upstream import FakeUpstream, Script
+
+from .conftest import StartGateway
+from .helpers import chat, collect_until_terminal, recv, send
+
+BIG = "x" * 1000 + " "
+
+
+def script(body: dict[str, Any]) -> Script:
+    if body["messages"][-1]["content"] == "flood":
+        return Script(tokens=(BIG,) * 20_000, batch=16)  # 20 MB, as fast as it goes
+    return Script(tokens=tuple(f"w{i} " for i in range(body["max_tokens"])), delay=0.01, finish_reason="length")
+
+
+async def stalled_client(host: str, port: int) -> trio.SocketStream:
+    """Handshake, ask for a flood of tokens, then never read again (a tiny receive buffer)."""
+    sock = trio.socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    await sock.connect((host, port))
+    stream = trio.SocketStream(sock)
+    conn = WSConnection(ConnectionType.CLIENT)
+    await stream.send_all(conn.send(Request(host=f"{host}:{port}", target="/ws/chat")))
+    while not any(isinstance(e, AcceptConnection) for e in conn.events()):
+        conn.receive_data(await stream.receive_some(4096))
+    frame = json.dumps(chat("flood", max_tokens=8000))
+    await stream.send_all(conn.send(TextMessage(data=frame)))
+    return stream
+
+
+async def test_a_stalled_reader_is_dropped_and_others_stream_on(
+    start_gateway: StartGateway, upstream: FakeUpstream
+) -> None:
+    upstream.script = script
+    server = await start_gateway(send_timeout=0.5, max_tokens_limit=8000)
+    stalled = await stalled_client(server.host, server.port)
+    async with stalled:
+        with trio.fail_after(5):  # the flood request reached the engine
+            while not upstream.requests:
+                await trio.sleep(0.01)
+        flood = upstream.requests[0]
+        async with open_websocket_url(server.url) as ws:
+            start = trio.current_time()
+            await send(ws, chat("normal", max_tokens=100, id="n"))
+            gaps, last = [], None
+            events = []
+            while True:
+                event = await recv(ws)
+                events.append(event)
+                if event["type"] == "token":
+                    now = trio.current_time()
+                    if last is not None:
+                        gaps.append(now - last)
+                    last = now
+                if event["type"] in ("done", "error", "cancelled"):
+                    break
+            elapsed = trio.current_time() - start
+        assert events[-1]["type"] == "done"
+        assert "".join(e["content"] for e in events if e["type"] == "token") == "".join(
+            f"w{i} " for i in range(100))
+        # 100 tokens paced at 10 ms: the stalled neighbour costs the normal client nothing noticeable.
+        assert elapsed < 5.0
+        # The stalled client was dropped and its engine request closed, long before 20 MB were sent.
+        with trio.fail_after(10):
+            await flood.closed.wait()
+        assert flood.disconnected_at is not None and not flood.completed
+        with trio.fail_after(5):
+            while server.server.open_connections:
+                await trio.sleep(0.01)
+
+
+async def test_idle_connection_is_closed_with_1000(start_gateway: StartGateway) -> None:
+    server = await start_gateway(idle_timeout=0.3)
+    async with open_websocket_url(server.url) as ws:
+        start = trio.current_time()
+        with pytest.raises(ConnectionClosed) as closed:
+            await recv(ws, timeout=5)
+        assert closed.value.reason.code == 1000
+        assert closed.value.reason.reason == "idle timeout"
+        assert 0.25 <= trio.current_time() - start < 3
+
+
+async def test_a_running_generation_or_client_frames_keep_it_open(
+    start_gateway: StartGateway, upstream: FakeUpstream
+) -> None:
+    upstream.script = script
+    server = await start_gateway(idle_timeout=0.3)
+    async with open_websocket_url(server.url) as ws:
+        await send(ws, chat("slow", max_tokens=60, id="a"))  # ~0.6 s of tokens, twice the idle timeout
+        events = await collect_until_terminal(ws, {"a"})
+        assert events["a"][-1]["type"] == "done"
+        for _ in range(4):  # pings every 0.15 s keep it open too
+            await trio.sleep(0.15)
+            await send(ws, {"type": "ping"})
+            assert (await recv(ws))["type"] == "pong"
+        with pytest.raises(ConnectionClosed):
+            await recv(ws, timeout=5)
