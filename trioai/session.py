@@ -5,6 +5,8 @@ Task tree (the session nursery owns every task of the connection)::
     Session.run                    receive loop: parse, dispatch, answer pings, never blocked by a generation
     └── session nursery
         ├── _write_loop            the only task that writes to the WebSocket (see outbox.py)
+        ├── _heartbeat             WebSocket pings (--ping-interval); drops a peer that stops answering
+        ├── _close_when_idle       (with --idle-timeout) closes 1000 when nothing happens
         └── _run_stream × N        one per active request, each inside its own CancelScope
 
 ``cancel`` cancels that request's scope: whatever it awaits (the engine, capacity, a full buffer)
