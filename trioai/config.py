@@ -65,6 +65,10 @@ class Settings:
     max_messages: int = _setting(256, "most entries in a request's 'messages'", minimum=1)
     max_tokens_limit: int = _setting(8192, "largest 'max_tokens' a client may ask for", minimum=1)
     default_max_tokens: int | None = _setting(None, "max_tokens when a client sends none (unset: engine's)")
+    upstream_retries: int = _setting(
+        2, "retries of a request the engine refused (unreachable, 503, 429, cut off) before its first token",
+        minimum=0
+    )
     connect_timeout: float = _setting(5.0, "seconds to connect to the upstream", minimum=0.001)
     first_token_timeout: float = _setting(
         120.0, "seconds from sending a request upstream to its first token", minimum=0.001

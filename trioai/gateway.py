@@ -26,6 +26,11 @@ from .upstream import Upstream
 log = logging.getLogger("trioai.gateway")
 
 OVERLOADED_RETRY_AFTER: Final = 1.0
+RETRYABLE_CODES: Final = frozenset(
+    {ErrorCode.UPSTREAM_UNAVAILABLE, ErrorCode.UPSTREAM_OVERLOADED, ErrorCode.UPSTREAM_DISCONNECTED}
+)
+RETRY_BASE_DELAY: Final = 0.25
+RETRY_MAX_DELAY: Final = 5.0
 
 
 class EngineWatch(Protocol):
@@ -45,6 +50,7 @@ class RequestStats:
     first_token_at: float | None = None
     last_token_at: float | None = None
     deltas: int = 0
+    retries: int = 0
 
     @property
     def ttft_ms(self) -> float | None:
@@ -94,11 +100,36 @@ class Gateway:
             sender.event(Started(request_id, model))
             async with self.admission.slot(sender.queued):
                 stats.admitted_at = trio.current_time()
-                return await self._relay(request, request_id, model, sender, stats)
+                return await self._relay_with_retries(request, request_id, model, sender, stats)
         except UpstreamError as exc:
             if self.engine is not None:
                 exc = await self.engine.explain(exc)
             return Error(request_id, exc.code.value, exc.message, exc.param, exc.retry_after)
+
+    async def _relay_with_retries(
+        self, request: ChatRequest, request_id: RequestId, model: str, sender: StreamSender, stats: RequestStats
+    ) -> Done:
+        """Retry failures that happened before the first token and may pass (refused, 503, 429, cut).
+
+        Never after a token was relayed (the client would see text twice), never for timeouts (the
+        client already waited the timeout), and never for longer than :data:`RETRY_MAX_DELAY` at once.
+        """
+        attempt = 0
+        while True:
+            try:
+                return await self._relay(request, request_id, model, sender, stats)
+            except UpstreamError as exc:
+                # Safe whatever the engine says: the client has seen no text of this request yet.
+                if stats.deltas or attempt >= self.settings.upstream_retries or exc.code not in RETRYABLE_CODES:
+                    raise
+                delay = exc.retry_after if exc.retry_after is not None else RETRY_BASE_DELAY * 2**attempt
+                if delay > RETRY_MAX_DELAY:
+                    raise
+                attempt += 1
+                stats.retries = attempt
+                log.info("request id=%s: %s (%s); retry %d in %.2f s", request_id, exc.code, exc.message, attempt,
+                         delay)
+                await trio.sleep(delay)
 
     async def _relay(
         self, request: ChatRequest, request_id: RequestId, model: str, sender: StreamSender, stats: RequestStats

@@ -103,16 +103,20 @@ class ChatStream:
             if scope.cancelled_caught:
                 what = "first token" if self._first else "next token"
                 raise UpstreamError(ErrorCode.UPSTREAM_TIMEOUT, f"engine sent no {what} in time", retryable=self._first)
-            events = self._decoder.feed(data)
-            if events:
+            progressed = False
+            for event in self._decoder.feed(data):
+                chunk = parse_chunk(event)
+                if chunk is DONE:
+                    self._done = True
+                    break
+                # A role-only first chunk is not a token: the first-token deadline still runs.
+                progressed = progressed or not self._first or bool(
+                    chunk.content or chunk.finish_reason is not None or chunk.has_usage
+                )
+                pending.append(chunk)
+            if progressed:
                 self._deadline = trio.current_time() + self._token_timeout
                 self._first = False
-                for event in events:
-                    chunk = parse_chunk(event)
-                    if chunk is DONE:
-                        self._done = True
-                        break
-                    pending.append(chunk)
         return pending.popleft()
 
     async def aclose(self) -> None:
