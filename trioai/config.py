@@ -54,6 +54,12 @@ class Settings:
     )
     max_connections: int = _setting(10000, "open WebSocket connections at most; more get 503 at the handshake",
                                     minimum=1)
+    rate_limit_requests: int | None = _setting(
+        None, "requests per minute per client (API key, or IP without keys); beyond: 'rate_limited'", minimum=1
+    )
+    rate_limit_tokens: int | None = _setting(
+        None, "generated tokens per minute per client; beyond: 'rate_limited'", minimum=1
+    )
     upstream_api_key: str | None = _setting(None, "bearer token sent to the upstream (never logged)")
     model: str | None = _setting(None, "model name to request (unset: the first one the upstream lists)")
     max_concurrency: int = _setting(16, "generations running upstream at once, across all clients", minimum=1)

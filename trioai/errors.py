@@ -33,6 +33,7 @@ class ErrorCode(enum.StrEnum):
     TOO_MANY_STREAMS = "too_many_streams"
     # Capacity: retry later (after ``retry_after`` seconds when given).
     OVERLOADED = "overloaded"
+    RATE_LIMITED = "rate_limited"
     # The engine's side: retry later, or report.
     UPSTREAM_UNAVAILABLE = "upstream_unavailable"
     UPSTREAM_TIMEOUT = "upstream_timeout"

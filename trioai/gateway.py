@@ -21,6 +21,7 @@ from .errors import ErrorCode, UpstreamError
 from .metrics import Metrics
 from .outbox import StreamSender
 from .protocol import ChatRequest, Done, Error, RequestId, Started, Usage
+from .ratelimit import RateLimiter
 from .upstream import Upstream
 
 log = logging.getLogger("trioai.gateway")
@@ -51,6 +52,7 @@ class RequestStats:
     last_token_at: float | None = None
     deltas: int = 0
     retries: int = 0
+    completion_tokens: int | None = None  # as the engine counted them, when it did
 
     @property
     def ttft_ms(self) -> float | None:
@@ -70,6 +72,7 @@ class Gateway:
         self.limits = settings.limits()
         self.admission = Admission(settings.max_concurrency)
         self.metrics = Metrics()
+        self.rate_limiter = RateLimiter(settings.rate_limit_requests, settings.rate_limit_tokens)
         self._model = settings.model
         self._model_lock = trio.Lock()
 
@@ -154,6 +157,7 @@ class Gateway:
                     finish_reason = chunk.finish_reason
                 if chunk.has_usage:
                     prompt_tokens, completion_tokens = chunk.prompt_tokens, chunk.completion_tokens
+        stats.completion_tokens = completion_tokens
         if completion_tokens is None:
             usage = Usage(None, stats.deltas, source="gateway")
         else:

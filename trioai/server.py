@@ -197,7 +197,8 @@ class Server:
         remote = ws.remote
         peer = str(remote) if isinstance(remote, str) else f"{remote.address}:{remote.port}"
         started = trio.current_time()
-        session = Session(ws, self.gateway, conn_id)
+        client = decision.key_id or (str(remote.address) if not isinstance(remote, str) else remote)
+        session = Session(ws, self.gateway, conn_id, client)
         self.sessions.add(session)
         self._no_sessions = trio.Event()
         if self.draining:

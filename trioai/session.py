@@ -55,10 +55,11 @@ CLOSE_POLICY_VIOLATION: Final = 1008
 class Session:
     """The protocol state of one connection: its active streams and its outbox."""
 
-    def __init__(self, ws: WebSocketConnection, gateway: Gateway, conn_id: int) -> None:
+    def __init__(self, ws: WebSocketConnection, gateway: Gateway, conn_id: int, client: str = "-") -> None:
         self.ws = ws
         self.gateway = gateway
         self.conn_id = conn_id
+        self.client = client  # whom rate limits count against: the API key id, or the peer address
         self.outbox = Outbox(gateway.settings.stream_buffer_bytes)
         self.active: dict[RequestId, trio.CancelScope] = {}
         self._next_id = 0
@@ -136,6 +137,13 @@ class Session:
                 )
             )
             return
+        wait = self.gateway.rate_limiter.admit(self.client, trio.current_time())
+        if wait:
+            await self.outbox.send_control(
+                Error(request.id, ErrorCode.RATE_LIMITED, f"rate limit reached; retry in {wait:.1f} s",
+                      retry_after=round(wait + 0.05, 1))
+            )
+            return
         request_id = request.id if request.id is not None else self._assign_id()
         scope = trio.CancelScope()
         self.active[request_id] = scope
@@ -192,7 +200,10 @@ class Session:
             self._touch()
             if self.draining and not self.active:
                 self.outbox.close(CLOSE_GOING_AWAY, "server shutting down")
-            duration = trio.current_time() - stats.received_at
+            now = trio.current_time()
+            tokens = stats.completion_tokens if stats.completion_tokens is not None else stats.deltas
+            self.gateway.rate_limiter.debit_tokens(self.client, tokens, now)
+            duration = now - stats.received_at
             ttft_ms = stats.ttft_ms
             self.gateway.metrics.request_finished(
                 outcome, code, stats.deltas, None if ttft_ms is None else ttft_ms / 1000.0, duration
