@@ -219,6 +219,9 @@ FAILURES = [
     pytest.param(Script(tokens=("a ",), headers_delay=30), "upstream_timeout", "", id="no-answer"),
     pytest.param(Script(tokens=("a ",), raw_lines=(b"data: {not json\n\n",)), "upstream_error", "not JSON",
                  id="garbage-sse"),
+    pytest.param(Script(tokens=("a ",), raw_lines=(b"data: " + b"x" * (1 << 20) + b"\n\n",)), "upstream_error",
+                 "longer than", id="over-long-line"),
+    pytest.param(Script(tokens=("a ",), stall_after=0), "upstream_timeout", "first token", id="stall-after-headers"),
 ]
 
 
@@ -226,11 +229,18 @@ FAILURES = [
 async def test_upstream_failure_modes(
     start_gateway: StartGateway, upstream: FakeUpstream, script: Script, code: str, message_part: str
 ) -> None:
-    upstream.script = lambda body: script
+    healthy = Script(tokens=tuple(f"h{i} " for i in range(20)), delay=0.02)
+    upstream.script = lambda body: healthy if body["messages"][-1]["content"] == "healthy" else script
     server = await start_gateway(first_token_timeout=1.0, token_timeout=0.5, upstream_api_key="sk-SECRET-KEY")
     async with connect(server) as ws:
+        await send(ws, chat("healthy", id="h", max_tokens=20))
         await send(ws, chat("x", id="r"))
-        events = (await collect_until_terminal(ws, {"r"}))["r"]
+        both = await collect_until_terminal(ws, {"r", "h"})
+        events = both["r"]
+        # The failure touched no other stream.
+        assert "".join(e["content"] for e in both["h"] if e["type"] == "token") == "".join(
+            f"h{i} " for i in range(20))
+        assert both["h"][-1]["type"] == "done"
         error = events[-1]
         assert error["type"] == "error", events
         assert error["code"] == code
@@ -243,7 +253,7 @@ async def test_upstream_failure_modes(
         upstream.script = lambda body: Script(tokens=("ok",))
         await send(ws, chat("again", id="r2"))
         assert (await collect_until_terminal(ws, {"r2"}))["r2"][-1]["type"] == "done"
-    assert upstream.requests[0].headers["authorization"] == "Bearer sk-SECRET-KEY"
+    assert all(r.headers["authorization"] == "Bearer sk-SECRET-KEY" for r in upstream.requests)
 
 
 async def test_upstream_refusing_connections(start_gateway: StartGateway) -> None:

@@ -167,3 +167,8 @@ def test_stream_error_without_a_message_and_with_a_huge_one() -> None:
     assert stream_error({"error": {"message": "x", "code": 429}}).code is ErrorCode.UPSTREAM_ERROR
     huge = stream_error({"error": {"message": "y" * 10_000}})
     assert len(huge.message) == 1000 and huge.message.endswith("…")
+
+
+def test_an_over_long_line_arriving_whole_is_refused_too() -> None:
+    with pytest.raises(UpstreamError, match="longer than 64 bytes"):
+        SSEDecoder(max_line_bytes=64).feed(b"data: " + b"x" * 100 + b"\n\n")

@@ -57,6 +57,10 @@ class SSEDecoder:
                     data.clear()
             elif line[0] == ":":
                 continue
+            elif len(line) > self.max_line_bytes:
+                # Complete in one read, so the buffer check never saw it whole.
+                self._data.clear()
+                raise _line_too_long(self.max_line_bytes)
             else:
                 name, _, value = line.partition(":")
                 if name == "data":
@@ -67,10 +71,11 @@ class SSEDecoder:
     def _check_length(self) -> None:
         if len(self._buffer) > self.max_line_bytes:
             self._buffer = b""
-            raise UpstreamError(
-                ErrorCode.UPSTREAM_ERROR,
-                f"engine sent a stream line longer than {self.max_line_bytes} bytes",
-            )
+            raise _line_too_long(self.max_line_bytes)
+
+
+def _line_too_long(limit: int) -> UpstreamError:
+    return UpstreamError(ErrorCode.UPSTREAM_ERROR, f"engine sent a stream line longer than {limit} bytes")
 
 
 @dataclass(frozen=True, slots=True)
