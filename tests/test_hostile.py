@@ -1,0 +1,156 @@
+"""Protocol violations on raw sockets, and many connections at once: the server sheds the offender
+and goes on serving everyone else, with nothing leaked."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import resource
+import struct
+
+import pytest
+import trio
+from wsproto import ConnectionType, WSConnection
+from wsproto.events import AcceptConnection, Request
+
+from trioai.server import RunningServer
+
+from .conftest import StartGateway
+from .helpers import chat, collect_until_terminal, connect, count_tasks, send, settle
+
+
+def frame(opcode: int, payload: bytes, *, mask: bool = True, length: int | None = None, fin: bool = True) -> bytes:
+    """One WebSocket frame built by hand (so it can be wrong on purpose)."""
+    size = len(payload) if length is None else length
+    head = bytes([(0x80 if fin else 0) | opcode])
+    mask_bit = 0x80 if mask else 0
+    if size < 126:
+        head += bytes([mask_bit | size])
+    elif size < 1 << 16:
+        head += bytes([mask_bit | 126]) + struct.pack("!H", size)
+    else:
+        head += bytes([mask_bit | 127]) + struct.pack("!Q", size)
+    if not mask:
+        return head + payload
+    key = os.urandom(4)
+    return head + key + bytes(b ^ key[i % 4] for i, b in enumerate(payload))
+
+
+async def handshake(server: RunningServer) -> trio.SocketStream:
+    stream = await trio.open_tcp_stream(server.host, server.port)
+    conn = WSConnection(ConnectionType.CLIENT)
+    await stream.send_all(conn.send(Request(host="x", target="/ws/chat")))
+    while not any(isinstance(e, AcceptConnection) for e in conn.events()):
+        conn.receive_data(await stream.receive_some(65536))
+    return stream
+
+
+async def close_code(stream: trio.SocketStream, timeout: float = 5.0) -> int | None:
+    """Read until the server closes; the close code it sent, or None if it just dropped the TCP connection."""
+    # The server's frames are parsed by hand: only their opcode and the close code matter here.
+    buffer = b""
+    with trio.fail_after(timeout):
+        while True:
+            try:
+                data = await stream.receive_some(65536)
+            except trio.BrokenResourceError:
+                return None
+            if not data:
+                return None
+            buffer += data
+            while len(buffer) >= 2:
+                opcode, size = buffer[0] & 0x0F, buffer[1] & 0x7F
+                offset = 2
+                if size == 126:
+                    size, offset = struct.unpack("!H", buffer[2:4])[0], 4
+                elif size == 127:
+                    size, offset = struct.unpack("!Q", buffer[2:10])[0], 10
+                if len(buffer) < offset + size:
+                    break
+                payload, buffer = buffer[offset:offset + size], buffer[offset + size:]
+                if opcode == 0x8:
+                    return int(struct.unpack("!H", payload[:2])[0]) if len(payload) >= 2 else 1005
+
+
+async def still_serves(server: RunningServer) -> None:
+    async with connect(server) as ws:
+        await send(ws, chat("alive", max_tokens=2))
+        events = next(iter((await collect_until_terminal(ws)).values()))
+    assert events[-1]["type"] == "done"
+
+
+@pytest.mark.parametrize(
+    ("name", "data", "expected"),
+    [
+        ("invalid UTF-8 in a text frame", frame(0x1, b'{"type":"ping","x":"\xff\xfe"}'), {1007, None}),
+        ("unmasked client frame", frame(0x1, b'{"type":"ping"}', mask=False), {1002, None}),
+        ("reserved opcode", frame(0x3, b"?"), {1002, None}),
+        ("continuation without a start", frame(0x0, b"x"), {1002, None}),
+        ("oversized frame", frame(0x1, b"x" * 2_000_000), {1009, None}),
+        ("oversized message in fragments",
+         frame(0x1, b"x" * 600_000, fin=False) + frame(0x0, b"x" * 600_000), {1009, None}),
+        ("fragmented ping", frame(0x9, b"p", fin=False), {1002, None}),
+    ],
+)
+async def test_protocol_violations_close_only_the_offender(
+    start_gateway: StartGateway, name: str, data: bytes, expected: set[int | None]
+) -> None:
+    server = await start_gateway()
+    baseline = count_tasks()
+    stream = await handshake(server)
+    async with stream:
+        with contextlib.suppress(trio.BrokenResourceError):  # the server may hang up mid-way: also fine
+            await stream.send_all(data)
+        assert await close_code(stream) in expected, name
+    await still_serves(server)
+    with trio.fail_after(5):
+        while server.server.open_connections:
+            await trio.sleep(0.01)
+    await settle()
+    assert count_tasks() == baseline
+
+
+async def test_a_frame_that_never_arrives_is_timed_out_by_the_pings(start_gateway: StartGateway) -> None:
+    """A header announcing 2^62 bytes, then a trickle: the peer cannot answer pings mid-frame."""
+    server = await start_gateway(ping_interval=0.1, ping_timeout=0.3, close_timeout=0.2)
+    stream = await handshake(server)
+    async with stream:
+        await stream.send_all(frame(0x1, b"", length=1 << 62))  # the header alone
+        for _ in range(5):
+            await trio.sleep(0.1)
+            try:
+                await stream.send_all(b"x")
+            except trio.BrokenResourceError:
+                break
+        with trio.fail_after(5):
+            while server.server.open_connections:
+                await trio.sleep(0.01)
+    await still_serves(server)
+
+
+async def test_two_thousand_connections_held_open(start_gateway: StartGateway) -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < 4200 and (hard == resource.RLIM_INFINITY or hard >= 4200):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (4200, hard))
+    assert resource.getrlimit(resource.RLIMIT_NOFILE)[0] >= 4200, "needs ~4,200 file descriptors (ulimit -n)"
+    server = await start_gateway(max_connections=3000)
+    baseline = count_tasks()
+    streams: list[trio.SocketStream] = []
+    try:
+        for _ in range(2000):
+            streams.append(await handshake(server))
+        with trio.fail_after(10):  # the last accept may reach the client before its session starts
+            while server.server.open_connections < 2000:
+                await trio.sleep(0.01)
+        assert server.server.open_connections == 2000
+        await still_serves(server)
+        metrics = server.gateway.metrics.render().decode()
+        assert "trioai_connections_open 2000.0" in metrics
+    finally:
+        for stream in streams:
+            await stream.aclose()
+    with trio.fail_after(30):
+        while server.server.open_connections:
+            await trio.sleep(0.05)
+    await settle()
+    assert count_tasks() == baseline
