@@ -213,3 +213,16 @@ def test_missing_engine_gets_one_clear_sentence(monkeypatch: pytest.MonkeyPatch)
         check_engine_installed()
     assert str(info.value) == MISSING_ENGINE_HELP
     assert "pip install 'trioai[local]'" in MISSING_ENGINE_HELP and "--upstream" in MISSING_ENGINE_HELP
+
+
+async def test_engine_outlives_the_thread_that_started_it(serve_process: ServeProcess) -> None:
+    """PR_SET_PDEATHSIG follows the thread that forked the engine, not the process. trio retires
+    idle worker threads after 10 s; an engine forked from one was killed then (a real bug)."""
+    pid = engine_pid(serve_process)
+    await trio.sleep(12)
+    assert pid_alive(pid)
+    assert not [line for line in serve_process.lines if "engine exited" in line]
+    async with open_websocket_url(serve_process.url) as ws:
+        await send(ws, chat(PROMPT, max_tokens=8))
+        events = next(iter((await collect_until_terminal(ws)).values()))
+    assert events[-1]["type"] == "done"

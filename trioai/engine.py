@@ -16,7 +16,8 @@ Task tree::
 
 Resource handling: the engine lives only inside the nursery: cancelling it (SIGTERM/SIGINT on us)
 terminates the engine; ``PR_SET_PDEATHSIG`` makes the kernel send it SIGTERM even if we are killed
-with SIGKILL, so no engine is ever orphaned.
+with SIGKILL, so no engine is ever orphaned. The signal follows the *thread* that forked the engine,
+so the engine is forked from a worker thread that waits for it and lives exactly as long.
 
 Error handling: when the engine dies, streams in flight fail; :meth:`LocalEngine.explain` turns their
 disconnect into ``upstream_unavailable``, and requests fail fast with the same code until the
@@ -35,7 +36,6 @@ import signal
 import socket
 import subprocess
 import sys
-from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
@@ -60,6 +60,7 @@ RESTART_BACKOFF_START: Final = 0.5
 RESTART_BACKOFF_MAX: Final = 30.0
 STABLE_AFTER: Final = 60.0  # an engine up this long resets the backoff
 OUTPUT_LINES_KEPT: Final = 40
+STOP_GRACE: Final = 5.0  # seconds between SIGTERM and SIGKILL when stopping the engine
 MISSING_ENGINE_HELP: Final = (
     "The embedded engine needs llama-cpp-python: run `pip install 'trioai[local]'` "
     "(it compiles llama.cpp, about 10 minutes on 2 cores), or pass --upstream URL of a running "
@@ -105,6 +106,19 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(sock.getsockname()[1])
 
 
+async def _stop(process: subprocess.Popen[bytes]) -> None:
+    """SIGTERM, then SIGKILL after :data:`STOP_GRACE` seconds; returns once the process is reaped."""
+    if process.poll() is None:
+        process.terminate()
+        with trio.move_on_after(STOP_GRACE):
+            await trio.to_thread.run_sync(process.wait, abandon_on_cancel=True)
+    if process.poll() is None:
+        process.kill()
+        await trio.to_thread.run_sync(process.wait)
+    if process.stdout is not None:
+        process.stdout.close()
+
+
 def _die_with_parent() -> None:
     # Runs in the child between fork and exec: the kernel sends SIGTERM when trioai dies.
     libc = ctypes.CDLL(None, use_errno=True)
@@ -132,7 +146,6 @@ class LocalEngine:
         self.ctx = ctx
         self.start_timeout = start_timeout
         self.base_url = f"http://127.0.0.1:{port}/v1"
-        self.process: trio.Process | None = None
         self.starts = 0
         self.output: collections.deque[str] = collections.deque(maxlen=OUTPUT_LINES_KEPT)
         self._ready = False
@@ -186,23 +199,12 @@ class LocalEngine:
         log.info("starting engine #%d: llama.cpp with %s on 127.0.0.1:%d", self.starts, self.model_path.name,
                  self.port)
         began = trio.current_time()
+        process: subprocess.Popen[bytes] | None = None
         try:
             async with trio.open_nursery() as nursery:
-                process: trio.Process = await nursery.start(
-                    partial(
-                        trio.run_process,
-                        self.command(),
-                        check=False,
-                        stdin=subprocess.DEVNULL,
-                        stdout=subprocess.PIPE,
-                        stderr=subprocess.STDOUT,
-                        preexec_fn=_die_with_parent if sys.platform == "linux" else None,
-                    )
-                )
-                self.process = process
+                process = await nursery.start(self._spawn_and_wait)
                 assert process.stdout is not None
-                nursery.start_soon(self._pump_output, process.stdout)
-                nursery.start_soon(self._watch_exit, process)
+                nursery.start_soon(self._pump_output, trio.lowlevel.FdStream(os.dup(process.stdout.fileno())))
                 await self._wait_ready()
                 self._ready = True
                 log.info("engine ready in %.1f s at %s (model %s, pid %d)", trio.current_time() - began,
@@ -213,13 +215,38 @@ class LocalEngine:
                 nursery.cancel_scope.cancel()
         finally:
             self._ready = False
-            self.process = None
-        code = process.returncode
-        log.warning("engine exited with %s; last output:\n%s", code, "\n".join(self.output))
+            if process is not None:
+                with trio.CancelScope(shield=True):
+                    await _stop(process)
+        log.warning("engine exited with %s; last output:\n%s", process.returncode if process else None,
+                    "\n".join(self.output))
 
-    async def _watch_exit(self, process: trio.Process) -> None:
-        await process.wait()
-        self._exited.set()
+    async def _spawn_and_wait(
+        self, *, task_status: trio.TaskStatus[subprocess.Popen[bytes]] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Start the engine from a worker thread that then waits for it, and so lives exactly as long.
+
+        ``PR_SET_PDEATHSIG`` fires when the *thread* that forked the child exits, not the process:
+        trio's own ``run_process`` forks from a pooled thread that retires after 10 idle seconds,
+        which would kill a healthy engine. This thread retires only once the engine has exited.
+        """
+
+        def spawn_and_wait() -> None:
+            popen = subprocess.Popen(
+                self.command(),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+            )
+            trio.from_thread.run_sync(task_status.started, popen)
+            popen.wait()
+
+        try:
+            # abandon_on_cancel: on shutdown, _run_once stops the process; the thread then ends by itself.
+            await trio.to_thread.run_sync(spawn_and_wait, abandon_on_cancel=True)
+        finally:
+            self._exited.set()
 
     async def _wait_ready(self) -> None:
         async with httpx.AsyncClient(timeout=2.0, trust_env=False) as client:
@@ -235,7 +262,11 @@ class LocalEngine:
                 raise EngineFailed("engine exited while starting:\n" + "\n".join(self.output))
         raise EngineFailed(f"engine did not answer within {self.start_timeout:g} s")
 
-    async def _pump_output(self, stream: trio.abc.ReceiveStream) -> None:
+    async def _pump_output(self, stream: trio.lowlevel.FdStream) -> None:
+        async with stream:
+            await self._pump_lines(stream)
+
+    async def _pump_lines(self, stream: trio.lowlevel.FdStream) -> None:
         buffer = b""
         async for data in stream:
             buffer += data
