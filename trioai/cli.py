@@ -35,6 +35,18 @@ def build_parser() -> argparse.ArgumentParser:
         description="Serve ws://HOST:PORT/ws/chat. Settings: command line > TRIOAI_* environment > --config file.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
+    chat_cmd = commands.add_parser(
+        "chat",
+        help="chat with a trioai server in the terminal",
+        description="Interactive chat: tokens print as they arrive; Ctrl-C stops an answer, Ctrl-D leaves.",
+    )
+    chat_cmd.add_argument("url", nargs="?", default="ws://127.0.0.1:8080/ws/chat",
+                          help="the server's chat endpoint (default: %(default)s)")
+    chat_cmd.add_argument("--once", metavar="PROMPT", help="answer one prompt on stdout and exit (1 on error)")
+    chat_cmd.add_argument("--api-key", default=os.environ.get("TRIOAI_API_KEY"),
+                          help="API key (default: $TRIOAI_API_KEY)")
+    chat_cmd.add_argument("--max-tokens", type=int, default=None, help="longest answer, in tokens")
+    chat_cmd.add_argument("--system", help="a system message to start the conversation with")
     serve_cmd.add_argument("--config", metavar="FILE", help="TOML file of settings (keys as the options below)")
     defaults = Settings()
     for f in setting_fields():
@@ -143,6 +155,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         setup_logging(settings.log_level, settings.log_format)
         return _run(settings)
+    if args.command == "chat":
+        from .chat import main as chat_main
+
+        return chat_main(args.url, once=args.once, api_key=args.api_key, max_tokens=args.max_tokens,
+                         system=args.system)
     return 2
 
 

@@ -1,0 +1,148 @@
+"""``trioai chat``: a terminal chat over the WebSocket API, built on :mod:`trioai.client`.
+
+Interactive: the conversation is kept and sent whole each turn; tokens print as they arrive;
+Ctrl-C while an answer streams cancels that answer (the server stops the engine), Ctrl-C or Ctrl-D
+at the prompt leaves. After each answer a dim line gives time to first token and tokens/s.
+``--once PROMPT`` answers one prompt on stdout for scripts; the exit status says whether it worked.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+from functools import partial
+from typing import Any, Final, TextIO
+
+import trio
+
+from .client import ClientError, Connection, GenerationError, Stream, connect
+
+DIM: Final = "\x1b[2m"
+RESET: Final = "\x1b[0m"
+PROMPT: Final = "you> "
+
+
+def stats_line(stream: Stream) -> str:
+    """The summary printed after an answer."""
+    if stream.cancelled:
+        return "(cancelled)"
+    parts = []
+    if stream.ttft_ms is not None:
+        parts.append(f"first token {stream.ttft_ms:.0f} ms")
+    if stream.tokens_per_s is not None:
+        parts.append(f"{stream.tokens_per_s:.1f} tok/s")
+    if stream.usage is not None:
+        parts.append(f"{stream.usage.get('completion_tokens')} tokens")
+    if stream.finish_reason:
+        parts.append(f"finish: {stream.finish_reason}")
+    return ", ".join(parts)
+
+
+async def answer(conn: Connection, messages: list[dict[str, Any]], max_tokens: int | None, out: TextIO,
+                 *, interactive: bool) -> tuple[str, Stream]:
+    """Stream one answer to ``out``; in interactive mode, Ctrl-C cancels it."""
+    pieces: list[str] = []
+    async with conn.generate(messages, max_tokens=max_tokens) as stream:
+        try:
+            async with trio.open_nursery() as nursery:
+                if interactive:
+                    nursery.start_soon(_cancel_on_sigint, stream)
+                async for text in stream:
+                    pieces.append(text)
+                    out.write(text)
+                    out.flush()
+                nursery.cancel_scope.cancel()
+        except BaseExceptionGroup as group:
+            # The Ctrl-C watcher never fails: the group holds the stream's own error.
+            if len(group.exceptions) == 1 and isinstance(group.exceptions[0], Exception):
+                raise group.exceptions[0] from None
+            raise
+    return "".join(pieces), stream
+
+
+async def _cancel_on_sigint(stream: Stream) -> None:
+    with trio.open_signal_receiver(signal.SIGINT) as signals:
+        async for _ in signals:
+            await stream.cancel()
+
+
+async def run_once(url: str, prompt: str, *, api_key: str | None, max_tokens: int | None, system: str | None) -> int:
+    """Answer ``prompt`` on stdout; the stats line and errors go to stderr. Returns the exit status."""
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+    try:
+        async with connect(url, api_key=api_key) as conn:
+            _, stream = await answer(conn, messages, max_tokens, sys.stdout, interactive=False)
+    except GenerationError as exc:
+        print(f"\ntrioai chat: {exc}", file=sys.stderr)
+        return 1
+    except (ClientError, OSError) as exc:
+        print(f"\ntrioai chat: cannot talk to {url}: {exc}", file=sys.stderr)
+        return 1
+    print()
+    print(f"{DIM}{stats_line(stream)}{RESET}", file=sys.stderr)
+    return 0
+
+
+async def run_interactive(url: str, *, api_key: str | None, max_tokens: int | None, system: str | None) -> int:
+    """The chat loop; returns the exit status."""
+    messages: list[dict[str, Any]] = [{"role": "system", "content": system}] if system else []
+    try:
+        async with connect(url, api_key=api_key) as conn:
+            print(f"{DIM}connected to {url}; Ctrl-C stops an answer, Ctrl-D leaves{RESET}", flush=True)
+            while True:
+                line = await _read_line()
+                if line is None:
+                    print()
+                    return 0
+                if not line.strip():
+                    continue
+                messages.append({"role": "user", "content": line})
+                try:
+                    text, stream = await answer(conn, messages, max_tokens, sys.stdout, interactive=True)
+                except GenerationError as exc:
+                    messages.pop()
+                    print(f"\n{DIM}error: {exc}{RESET}", flush=True)
+                    continue
+                print(f"\n{DIM}{stats_line(stream)}{RESET}", flush=True)
+                if stream.cancelled:
+                    messages.pop()  # an answer cut short is not part of the conversation
+                else:
+                    messages.append({"role": "assistant", "content": text})
+    except (ClientError, OSError) as exc:
+        print(f"\ntrioai chat: cannot talk to {url}: {exc}", file=sys.stderr)
+        return 1
+
+
+async def _read_line() -> str | None:
+    """One line from the terminal; None at EOF or Ctrl-C at the prompt."""
+
+    def read() -> str | None:
+        try:
+            return input(PROMPT)
+        except EOFError:
+            return None
+
+    with trio.open_signal_receiver(signal.SIGINT) as signals:
+        async with trio.open_nursery() as nursery:
+            result: list[str | None] = []
+
+            async def reader() -> None:
+                result.append(await trio.to_thread.run_sync(read, abandon_on_cancel=True))
+                nursery.cancel_scope.cancel()
+
+            async def interrupted() -> None:
+                async for _ in signals:
+                    result.append(None)
+                    nursery.cancel_scope.cancel()
+                    return
+
+            nursery.start_soon(reader)
+            nursery.start_soon(interrupted)
+    return result[0] if result else None
+
+
+def main(url: str, *, once: str | None, api_key: str | None, max_tokens: int | None, system: str | None) -> int:
+    """Run the chat (``trioai chat``); returns the exit status."""
+    if once is not None:
+        return trio.run(partial(run_once, url, once, api_key=api_key, max_tokens=max_tokens, system=system))
+    return trio.run(partial(run_interactive, url, api_key=api_key, max_tokens=max_tokens, system=system))
