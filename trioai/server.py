@@ -28,6 +28,7 @@ import itertools
 import logging
 import ssl
 from dataclasses import dataclass
+from importlib import resources
 from typing import Final
 
 import trio
@@ -117,9 +118,14 @@ class Server:
         else:
             log.info("reloaded %d API key(s) from %s", len(self.keys.digests), path)
 
-    def routes(self) -> dict[str, Route]:
-        """The operations HTTP port's endpoints."""
-        return {"/healthz": self._healthz, "/readyz": self._readyz, "/metrics": self._metrics}
+    def routes(self, ws_port: int, tls: bool) -> dict[str, Route]:
+        """The HTTP port's endpoints: the chat page, health, readiness and metrics."""
+        page = chat_page(ws_port, tls)
+
+        async def index() -> Response:
+            return Response(200, page, "text/html; charset=utf-8")
+
+        return {"/": index, "/healthz": self._healthz, "/readyz": self._readyz, "/metrics": self._metrics}
 
     async def _healthz(self) -> Response:
         return Response(200, b"ok\n")
@@ -225,6 +231,13 @@ class Server:
             )
 
 
+def chat_page(ws_port: int, tls: bool) -> bytes:
+    """The browser chat page (``static/index.html``), told which port and scheme the WebSocket uses."""
+    html = resources.files(__package__).joinpath("static/index.html").read_text(encoding="utf-8")
+    html = html.replace("{{WS_PORT}}", str(ws_port)).replace("{{WS_SCHEME}}", "wss" if tls else "ws")
+    return html.encode()
+
+
 def server_tls_context(certfile: str, keyfile: str | None) -> ssl.SSLContext:
     """A TLS server context with the default (secure) protocol and cipher choices."""
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
@@ -279,7 +292,8 @@ async def serve(
         async with trio.open_nursery() as services:
             http_port = None
             if settings.http_port is not None:
-                http_port = await services.start(serve_http, settings.http_host, settings.http_port, server.routes())
+                routes = server.routes(int(sockname[1]), bool(settings.certfile))
+                http_port = await services.start(serve_http, settings.http_host, settings.http_port, routes)
             async with trio.open_nursery() as connections:
                 ws_server = WebSocketServer(
                     server.handle,

@@ -1,0 +1,108 @@
+"""The chat page in real headless Chromium (Debian's, driven by Playwright): stream, Stop, several at
+once, queue position, errors. Saves a screenshot to artifacts/chat-page.png."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import trio
+
+from trioai.fake_upstream import FakeUpstream, Script
+
+from .conftest import StartGateway
+
+ARTIFACTS = Path(__file__).resolve().parent.parent / "artifacts"
+CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+def script(body: dict[str, Any]) -> Script:
+    prompt = body["messages"][-1]["content"]
+    if prompt == "long story":
+        return Script(tokens=tuple(f"s{i} " for i in range(3000)), delay=0.01)
+    if prompt == "fail":
+        return Script(status=400, error_message="that prompt is not allowed")
+    return Script(tokens=tuple(f"{w} " for w in prompt.split()) * 3, delay=0.01)
+
+
+@pytest.fixture
+def chromium() -> str:
+    path = shutil.which("chromium") or shutil.which("chromium-browser")
+    if path is None:
+        pytest.fail("Chromium is not installed: `apt-get install chromium` (scripts/test does it)")
+    return path
+
+
+def drive(chromium: str, page_url: str, screenshot: Path) -> dict[str, str]:
+    from playwright.sync_api import sync_playwright
+
+    seen: dict[str, str] = {}
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, headless=True, args=CHROMIUM_FLAGS)
+        try:
+            page = browser.new_page()
+            page.goto(page_url)
+            page.wait_for_selector("#status.connected", timeout=10_000)
+
+            # One prompt: tokens appear, then done with usage.
+            page.fill("#prompt", "hello browser")
+            page.click("#send")
+            first = page.locator('.answer[data-id="b1"]')
+            first.locator(".text").filter(has_text="hello").wait_for(timeout=10_000)
+            page.wait_for_selector('.answer[data-id="b1"].state-done', timeout=10_000)
+            seen["b1 text"] = first.locator(".text").inner_text()
+            seen["b1 usage"] = first.locator(".usage").inner_text()
+
+            # A long answer, stopped mid-stream; another queued behind it and then served.
+            page.fill("#prompt", "long story")
+            page.click("#send")
+            long = page.locator('.answer[data-id="b2"]')
+            long.locator(".text").filter(has_text="s3 ").wait_for(timeout=10_000)
+            page.fill("#prompt", "second question")
+            page.click("#send")
+            queued = page.locator('.answer[data-id="b3"]')
+            queued.locator(".state").filter(has_text="queued (position 1)").wait_for(timeout=10_000)
+            seen["b3 queued"] = queued.locator(".state").inner_text()
+            long.locator(".stop").click()
+            page.wait_for_selector('.answer[data-id="b2"].state-cancelled', timeout=10_000)
+            page.wait_for_selector('.answer[data-id="b3"].state-done', timeout=10_000)
+            seen["b2 state"] = long.locator(".state").inner_text()
+            seen["b3 text"] = queued.locator(".text").inner_text()
+
+            # Errors are shown on their answer.
+            page.fill("#prompt", "fail")
+            page.click("#send")
+            page.wait_for_selector('.answer[data-id="b4"].state-error', timeout=10_000)
+            seen["b4 state"] = page.locator('.answer[data-id="b4"] .state').inner_text()
+
+            screenshot.parent.mkdir(parents=True, exist_ok=True)
+            page.screenshot(path=str(screenshot), full_page=True)
+        finally:
+            browser.close()
+    return seen
+
+
+async def test_chat_page_in_chromium(start_gateway: StartGateway, upstream: FakeUpstream, chromium: str) -> None:
+    upstream.script = script
+    server = await start_gateway(http_port=0, max_concurrency=1)
+    assert server.http_url is not None
+    async with httpx.AsyncClient() as client:
+        page = await client.get(server.http_url + "/")
+    assert page.status_code == 200 and "text/html" in page.headers["content-type"]
+    assert f'WS_PORT = "{server.port}"' in page.text
+    screenshot = ARTIFACTS / "chat-page.png"
+    with trio.fail_after(120):
+        seen = await trio.to_thread.run_sync(drive, chromium, server.http_url + "/", screenshot)
+    assert seen["b1 text"].strip() == "hello browser hello browser hello browser"
+    assert "6 tokens" in seen["b1 usage"] and "first token" in seen["b1 usage"]
+    assert seen["b3 queued"] == "queued (position 1)"
+    assert seen["b2 state"] == "cancelled"
+    assert seen["b3 text"].strip() == "second question second question second question"
+    assert seen["b4 state"] == "error: invalid_request: that prompt is not allowed"
+    assert screenshot.stat().st_size > 10_000
+    long = next(r for r in upstream.requests if r.body["messages"][-1]["content"] == "long story")
+    assert long.disconnected_at is not None  # Stop reached the engine
