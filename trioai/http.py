@@ -1,4 +1,4 @@
-"""The operations HTTP port: ``/healthz``, ``/readyz`` and ``/metrics`` (loopback by default).
+"""The HTTP port: the chat page at ``/``, ``/healthz``, ``/readyz`` and ``/metrics`` (loopback by default).
 
 A deliberately small HTTP/1.1 server on h11: one request per connection (``Connection: close``),
 GET and HEAD only, request head bounded in size and time. It runs beside the WebSocket server in
@@ -48,7 +48,7 @@ async def serve_http(
     bound = int(listeners[0].socket.getsockname()[1])
     async with trio.open_nursery() as nursery:
         await nursery.start(trio.serve_listeners, partial(_handle, routes), listeners)
-        log.info("health and metrics on http://%s:%d (/healthz, /readyz, /metrics)", host, bound)
+        log.info("chat page, health and metrics on http://%s:%d (/, /healthz, /readyz, /metrics)", host, bound)
         task_status.started(bound)
 
 
