@@ -1,0 +1,280 @@
+"""trioai against the common FastAPI + OpenAI-client design, in one run: ``python -m bench.compare``.
+
+Starts the fake engine, trioai (``trioai serve``) and the peer (``bench/peers/fastapi_openai.py``)
+as separate processes on 127.0.0.1, drives both with the same WebSocket load generator, alternating
+trioai and peer within each round, and prints each figure as the median over ``--rounds`` rounds
+with the trioai/peer ratio. A direct httpx SSE reader of the engine is the ceiling.
+
+Needs the bench extra: ``pip install -e '.[bench]'`` (fastapi, uvicorn, openai — bench only).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import statistics
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+from trio_websocket import open_websocket_url
+from wsproto import ConnectionType, WSConnection
+from wsproto.events import AcceptConnection, Request
+
+from bench.loadgen import percentile, sse_load, ws_cancel, ws_load
+from bench.run import fake_engine, gateway, row
+from trioai.fake_upstream import FakeUpstream, Script
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+@dataclass
+class Server:
+    """A server process under test and its WebSocket URL."""
+
+    name: str
+    process: trio.Process
+    url: str
+
+    def cpu_seconds(self) -> float:
+        """User + system CPU time of the process so far."""
+        with open(f"/proc/{self.process.pid}/stat") as stat:
+            fields = stat.read().rpartition(")")[2].split()
+        return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+    def rss_kib(self) -> int:
+        """Resident memory now."""
+        with open(f"/proc/{self.process.pid}/status") as status:
+            for line in status:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+        raise RuntimeError("no VmRSS")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@asynccontextmanager
+async def peer(upstream: str) -> AsyncIterator[Server]:
+    """The FastAPI + OpenAI-client peer, once it accepts connections."""
+    port = free_port()
+    env = {**os.environ, "PEER_UPSTREAM": upstream}
+    async with trio.open_nursery() as nursery:
+        process = await trio.lowlevel.open_process(
+            [sys.executable, "-m", "bench.peers.fastapi_openai", "--port", str(port)],
+            stdin=subprocess.DEVNULL, env=env,
+        )
+        try:
+            with trio.fail_after(30):
+                while True:
+                    try:
+                        await (await trio.open_tcp_stream("127.0.0.1", port)).aclose()
+                        break
+                    except OSError:
+                        await trio.sleep(0.05)
+            yield Server("peer", process, f"ws://127.0.0.1:{port}/ws/chat")
+        finally:
+            process.terminate()
+            with trio.move_on_after(10) as scope:
+                scope.shield = True
+                await process.wait()
+            nursery.cancel_scope.cancel()
+
+
+@asynccontextmanager
+async def trioai_server(upstream: str) -> AsyncIterator[Server]:
+    """``trioai serve`` in front of ``upstream``."""
+    async with gateway(upstream, "--send-timeout", "60", "--max-connections", "20000") as process:
+        yield Server("trioai", process.process, process.address)
+
+
+SERVERS: dict[str, Callable[[str], Any]] = {"trioai": trioai_server, "peer": peer}
+
+
+@dataclass
+class Figures:
+    """Every figure of one server (or the direct reader), one list entry per round."""
+
+    values: dict[str, list[float]] = field(default_factory=dict)
+
+    def add(self, name: str, value: float) -> None:
+        self.values.setdefault(name, []).append(value)
+
+    def median(self, name: str) -> float:
+        values = self.values.get(name)
+        return statistics.median(values) if values else float("nan")
+
+
+async def throughput(kind: str, engine_url: str, connections: int, max_tokens: int, duration: float,
+                     figures: Figures) -> None:
+    async with SERVERS[kind](engine_url) as server:
+        await ws_load(server.url, 1, 4, 0.0)  # warm up
+        result = await ws_load(server.url, connections, max_tokens, duration)
+        if not result.all_exact:
+            raise RuntimeError(f"{kind}: text not exact at {connections} connections")
+        figures.add(f"tok/s @{connections}", result.tokens_per_s)
+
+
+async def paced(kind: str, engine_url: str, streams: int, max_tokens: int, figures: Figures) -> None:
+    async with SERVERS[kind](engine_url) as server:
+        await ws_load(server.url, 1, 4, 0.0)
+        cpu_before = server.cpu_seconds()
+        result = await ws_load(server.url, streams, max_tokens, 0.0)
+        cpu = server.cpu_seconds() - cpu_before
+        if not result.all_exact:
+            raise RuntimeError(f"{kind}: paced text not exact")
+        frames = sum(s.frames for s in result.streams)
+        figures.add("TTFT p50 ms", percentile(result.ttfts(), 50) * 1000)
+        figures.add("TTFT p99 ms", percentile(result.ttfts(), 99) * 1000)
+        figures.add("ITL p50 ms", percentile(result.gaps(), 50) * 1000)
+        figures.add("ITL p99 ms", percentile(result.gaps(), 99) * 1000)
+        figures.add("CPU ms / 1000 token events", cpu * 1000 / frames * 1000)
+        figures.add("token events / delta", frames / result.tokens)
+
+
+async def direct_paced(engine_url: str, streams: int, max_tokens: int, figures: Figures) -> None:
+    result = await sse_load(engine_url, streams, max_tokens, 0.0)
+    figures.add("TTFT p50 ms", percentile(result.ttfts(), 50) * 1000)
+    figures.add("TTFT p99 ms", percentile(result.ttfts(), 99) * 1000)
+    figures.add("ITL p50 ms", percentile(result.gaps(), 50) * 1000)
+    figures.add("ITL p99 ms", percentile(result.gaps(), 99) * 1000)
+
+
+async def cancels(kind: str, samples: int, figures: Figures) -> None:
+    """Cancel after 5 tokens; a cancel not acknowledged within 2 s counts as 2 s ("never")."""
+    engine = FakeUpstream(lambda body: Script(tokens=("x ",) * 2000, delay=0.005))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(engine.serve)
+        async with SERVERS[kind](engine.base_url) as server:
+            for index in range(samples):
+                async with open_websocket_url(server.url) as ws:
+                    before = len(engine.requests)
+                    ack = closed = 2.0
+                    with trio.move_on_after(2.0 + 5 * 0.005 * 10):
+                        sent, sample = await ws_cancel(ws, f"k{index}", after_tokens=5, max_tokens=2000)
+                        if sample.outcome == "cancelled" and sample.to_ack < 2.0:
+                            ack = sample.to_ack
+                    record = engine.requests[before]
+                    with trio.move_on_after(2.0):
+                        await record.closed.wait()
+                    if record.disconnected_at is not None and not record.completed:
+                        closed = min(2.0, record.disconnected_at - sent)
+                figures.add("cancel→ack", ack)
+                figures.add("cancel→engine closed", closed)
+        nursery.cancel_scope.cancel()
+
+
+async def hold_idle(url: str, count: int) -> list[trio.SocketStream]:
+    """``count`` idle WebSocket connections (raw sockets: the bench process stays light)."""
+    host, _, rest = url.removeprefix("ws://").partition(":")
+    port = int(rest.partition("/")[0])
+    streams = []
+    for _ in range(count):
+        stream = await trio.open_tcp_stream(host, port)
+        conn = WSConnection(ConnectionType.CLIENT)
+        await stream.send_all(conn.send(Request(host=host, target="/ws/chat")))
+        while not any(isinstance(e, AcceptConnection) for e in conn.events()):
+            conn.receive_data(await stream.receive_some(65536))
+        streams.append(stream)
+    return streams
+
+
+async def idle_memory(kind: str, engine_url: str, counts: Sequence[int], figures: Figures) -> None:
+    async with SERVERS[kind](engine_url) as server:
+        await ws_load(server.url, 1, 4, 0.0)
+        for count in counts:
+            await trio.sleep(0.5)
+            before = server.rss_kib()
+            streams = await hold_idle(server.url, count)
+            try:
+                await trio.sleep(1.0)
+                after = server.rss_kib()
+                answered = (await ws_load(server.url, 1, 8, 0.0)).all_exact
+            finally:
+                for stream in streams:
+                    await stream.aclose()
+            figures.add(f"KiB / idle conn @{count}", (after - before) / count)
+            figures.add(f"answers with {count} idle", 1.0 if answered else 0.0)
+
+
+def fmt(value: float) -> str:
+    if value != value:  # NaN
+        return "–"
+    return f"{value:,.0f}" if abs(value) >= 100 else f"{value:.2f}"
+
+
+def ratio(ours: float, theirs: float) -> str:
+    return f"{ours / theirs:.2f}×" if theirs and theirs == theirs and ours == ours else "–"
+
+
+async def main_async(args: argparse.Namespace) -> None:
+    kinds = ("trioai", "peer")
+    figures = {kind: Figures() for kind in (*kinds, "direct")}
+    connections = (1, 16, 64)
+    async with fake_engine() as unpaced, fake_engine("--delay", "0.02") as slow:
+        for round_number in range(args.rounds):
+            order = kinds if round_number % 2 == 0 else kinds[::-1]  # alternate who goes first
+            for count in connections:
+                direct = await sse_load(unpaced.address, count, args.tokens, args.duration)
+                figures["direct"].add(f"tok/s @{count}", direct.tokens_per_s)
+                for kind in order:
+                    await throughput(kind, unpaced.address, count, args.tokens, args.duration, figures[kind])
+            await direct_paced(slow.address, args.streams, 50, figures["direct"])
+            for kind in order:
+                await paced(kind, slow.address, args.streams, 50, figures[kind])
+                await cancels(kind, args.cancels, figures[kind])
+            print(f"round {round_number + 1}/{args.rounds} done", file=sys.stderr, flush=True)
+        for kind in kinds:
+            await idle_memory(kind, unpaced.address, args.idle, figures[kind])
+
+    names = [f"tok/s @{c}" for c in connections] + [
+        "TTFT p50 ms", "TTFT p99 ms", "ITL p50 ms", "ITL p99 ms", "CPU ms / 1000 token events",
+        "token events / delta",
+    ]
+    lines = [row("figure (median of rounds)", "direct SSE", "trioai", "peer", "trioai / peer"), row(*["---"] * 5)]
+    for name in names:
+        t, p, d = figures["trioai"].median(name), figures["peer"].median(name), figures["direct"].median(name)
+        lines.append(row(name, fmt(d), fmt(t), fmt(p), ratio(t, p)))
+    for name in ("cancel→ack", "cancel→engine closed"):
+        for pct in (50, 99):
+            t = percentile(figures["trioai"].values.get(name, []), pct) * 1000
+            p = percentile(figures["peer"].values.get(name, []), pct) * 1000
+            shown = "never (2 s cap)" if p >= 2000 else fmt(p)
+            lines.append(row(f"{name} p{pct} ms", "", fmt(t), shown, ratio(t, p)))
+    for count in args.idle:
+        name = f"KiB / idle conn @{count}"
+        t, p = figures["trioai"].median(name), figures["peer"].median(name)
+        lines.append(row(name, "", fmt(t), fmt(p), ratio(t, p)))
+        alive = f"answers with {count} idle"
+        lines.append(row(f"still answering with {count:,} idle", "",
+                         "yes" if figures["trioai"].median(alive) == 1 else "NO",
+                         "yes" if figures["peer"].median(alive) == 1 else "NO", ""))
+    print(f"### trioai vs FastAPI + openai (uvicorn): {args.rounds} rounds, {args.tokens}-token generations, "
+          f"{args.duration:g} s per throughput run; paced: {args.streams} streams × 50 tokens at 20 ms\n")
+    print("\n".join(lines))
+
+
+def main() -> None:
+    """``python -m bench.compare``."""
+    parser = argparse.ArgumentParser(description="trioai vs the FastAPI + OpenAI-client design")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--duration", type=float, default=3.0)
+    parser.add_argument("--tokens", type=int, default=256)
+    parser.add_argument("--streams", type=int, default=64)
+    parser.add_argument("--cancels", type=int, default=10)
+    parser.add_argument("--idle", type=int, nargs="*", default=[1000, 10000])
+    args = parser.parse_args()
+    print(f"python {sys.version.split()[0]}, trio {trio.__version__}, {os.cpu_count()} CPUs\n")
+    trio.run(main_async, args)
+
+
+if __name__ == "__main__":
+    main()

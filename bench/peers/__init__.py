@@ -1,0 +1,1 @@
+"""Peers trioai is compared with: the designs users would otherwise pick."""

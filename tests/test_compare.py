@@ -1,0 +1,28 @@
+"""bench.compare runs end to end (a short run): trioai and the FastAPI + openai peer side by side."""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+
+import trio
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+async def test_compare_prints_every_figure_with_a_ratio() -> None:
+    command = [sys.executable, "-W", "ignore", "-m", "bench.compare", "--rounds", "1", "--duration", "0.5",
+               "--streams", "8", "--cancels", "2", "--idle", "50"]
+    with trio.fail_after(240):
+        result = await trio.run_process(command, cwd=ROOT, capture_stdout=True, capture_stderr=True, check=False)
+    out = result.stdout.decode()
+    assert result.returncode == 0, result.stderr.decode()[-3000:]
+    for figure in ("tok/s @1", "tok/s @16", "tok/s @64", "TTFT p50 ms", "ITL p99 ms", "CPU ms / 1000 token events",
+                   "cancel→ack p99 ms", "cancel→engine closed p50 ms", "KiB / idle conn @50"):
+        assert re.search(rf"^\| {re.escape(figure)} \|", out, re.MULTILINE), figure
+    # trioai relays faster than the peer, and only trioai acknowledges a cancel mid-stream.
+    ratio = float(re.search(r"^\| tok/s @16 \|[^|]*\|[^|]*\|[^|]*\| ([0-9.]+)×", out, re.MULTILINE).group(1))  # type: ignore[union-attr]
+    assert ratio > 1.0
+    assert re.search(r"^\| cancel→ack p50 ms \|\s*\| [0-9.]+ \| never \(2 s cap\)", out, re.MULTILINE)
+    assert out.count("| yes |") >= 1
