@@ -15,7 +15,8 @@ from wsproto.events import AcceptConnection, Request, TextMessage
 from trioai.fake_upstream import FakeUpstream, Script
 
 from .conftest import StartGateway
-from .helpers import chat, collect_until_terminal, recv, send
+from .helpers import chat, collect_until_terminal, count_tasks, recv, send, settle
+from .test_heartbeat import raw_handshake
 
 BIG = "x" * 1000 + " "
 
@@ -108,3 +109,51 @@ async def test_a_running_generation_or_client_frames_keep_it_open(
             assert (await recv(ws))["type"] == "pong"
         with pytest.raises(ConnectionClosed):
             await recv(ws, timeout=5)
+
+
+async def test_waiting_for_a_slow_client_is_not_an_engine_timeout(
+    start_gateway: StartGateway, upstream: FakeUpstream
+) -> None:
+    """A reader that pauses longer than --token-timeout gets everything: the engine's clock was stopped."""
+    upstream.script = script
+    server = await start_gateway(token_timeout=0.3, send_timeout=30, max_tokens_limit=8000)
+    stalled = await stalled_client(server.host, server.port)  # asks for the 20 MB flood, reads nothing
+    async with stalled:
+        with trio.fail_after(5):
+            while not upstream.requests:
+                await trio.sleep(0.01)
+        flood = upstream.requests[0]
+        await trio.sleep(1.0)  # > 3 token timeouts with the socket full
+        assert not flood.closed.is_set()  # not timed out, not aborted: waiting for the client
+        tail = b""
+        with trio.fail_after(30):  # now read it all: the engine gets to send the rest
+            while b'"type":"done"' not in tail and b'"type":"error"' not in tail:
+                data = await stalled.receive_some(1 << 20)
+                assert data, "the server closed the connection"
+                tail = (tail + data)[-400:]
+        assert b'"type":"done"' in tail
+        with trio.fail_after(5):
+            await flood.closed.wait()
+        assert flood.completed
+
+
+async def test_an_idle_connection_runs_no_task_of_its_own(start_gateway: StartGateway) -> None:
+    """Idle: only trio-websocket's two tasks; the writer starts for a frame and leaves after it."""
+    server = await start_gateway(ping_interval=20)
+    await settle()
+    before = count_tasks()
+    stream, conn = await raw_handshake(server)
+    async with stream:
+        await settle()
+        assert count_tasks() == before + 2  # the connection's handler task and its frame reader
+        await stream.send_all(conn.send(TextMessage(data='{"type":"ping","id":1}')))
+        pong = None
+        with trio.fail_after(5):
+            while pong is None:
+                conn.receive_data(await stream.receive_some(65536))
+                pong = next((e.data for e in conn.events() if isinstance(e, TextMessage)), None)
+        assert json.loads(pong) == {"type": "pong", "id": 1}
+        await settle()
+        assert count_tasks() == before + 2  # the writer left again
+        (session,) = server.server.sessions
+        assert not session.outbox.writer_running and len(session.outbox) == 0

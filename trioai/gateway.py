@@ -152,7 +152,9 @@ class Gateway:
                         stats.first_token_at = now
                     stats.last_token_at = now
                     stats.deltas += 1
-                    await sender.token(chunk.content)
+                    if sender.put_token(chunk.content):  # the client reads slower than the engine writes
+                        with chunks.paused():
+                            await sender.drained()
                 if chunk.finish_reason is not None:
                     finish_reason = chunk.finish_reason
                 if chunk.has_usage:

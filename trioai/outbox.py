@@ -15,11 +15,16 @@ Bounds: a stream's slot holds at most ``stream_buffer_bytes`` characters before 
 (which in turn stops reading from the engine); connection-level events (errors for bad frames,
 pongs) wait when ``max_control`` are unsent, which stops the receive task from reading. So a
 client that does not read cannot make the server buffer without limit.
+
+Idle cost: an idle connection has no writer task and no FIFO. The first item queued calls
+``start_writer`` (the session starts its writer task); the writer leaves when it has nothing to send
+and no generation is running (:meth:`Outbox.writer_stopped`), and the next item starts a new one.
 """
 
 from __future__ import annotations
 
 import collections
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final
 
@@ -86,17 +91,24 @@ _Item = str | _TokenSlot | _QueuedSlot | _Control | CloseFrame
 class Outbox:
     """The FIFO of frames one connection's writer task sends, in order."""
 
-    def __init__(self, stream_buffer_bytes: int = 65536, max_control: int = DEFAULT_MAX_CONTROL) -> None:
+    __slots__ = ("stream_buffer_bytes", "max_control", "closing", "writer_running", "_start_writer", "_items",
+                 "_control_pending", "_writer_lot", "_control_lot")
+
+    def __init__(self, stream_buffer_bytes: int = 65536, max_control: int = DEFAULT_MAX_CONTROL,
+                 start_writer: Callable[[], None] | None = None) -> None:
         self.stream_buffer_bytes = stream_buffer_bytes
         self.max_control = max_control
-        self._items: collections.deque[_Item] = collections.deque()
-        self._control_pending = 0
-        self._writer_lot = trio.lowlevel.ParkingLot()
-        self._control_lot = trio.lowlevel.ParkingLot()
         self.closing = False
+        self.writer_running = False
+        self._start_writer = start_writer
+        self._items: collections.deque[_Item] | None = None  # created with the first item
+        self._control_pending = 0
+        # Created when first needed: most connections are idle most of the time.
+        self._writer_lot: trio.lowlevel.ParkingLot | None = None
+        self._control_lot: trio.lowlevel.ParkingLot | None = None
 
     def __len__(self) -> int:
-        return len(self._items)
+        return len(self._items) if self._items is not None else 0
 
     def stream(self, request_id: RequestId) -> StreamSender:
         """A sender for one request's events."""
@@ -105,6 +117,8 @@ class Outbox:
     async def send_control(self, event: ServerEvent) -> None:
         """Queue a connection-level event; waits while ``max_control`` are unsent."""
         while self._control_pending >= self.max_control:
+            if self._control_lot is None:
+                self._control_lot = trio.lowlevel.ParkingLot()
             await self._control_lot.park()
         await trio.lowlevel.checkpoint_if_cancelled()
         if self.closing:
@@ -121,21 +135,52 @@ class Outbox:
     def _push(self, item: _Item) -> None:
         if self.closing:
             return  # the socket is closing: nothing queued now could be delivered
-        self._items.append(item)
-        if self._writer_lot:
-            self._writer_lot.unpark()
+        items = self._items
+        if items is None:
+            items = self._items = collections.deque()
+        items.append(item)
+        lot = self._writer_lot
+        if lot:
+            lot.unpark()
+        elif not self.writer_running and self._start_writer is not None:
+            self.writer_running = True
+            self._start_writer()
+
+    def wake_writer(self) -> None:
+        """Let a waiting writer look again (e.g. whether it may leave, now that nothing runs)."""
+        if self._writer_lot is not None:
+            self._writer_lot.unpark_all()
+
+    async def wait(self) -> None:
+        """Wait until something is queued or :meth:`wake_writer` is called (for the writer task)."""
+        if self._writer_lot is None:
+            self._writer_lot = trio.lowlevel.ParkingLot()
+        await self._writer_lot.park()
+
+    def writer_stopped(self) -> None:
+        """The writer task left; an idle connection keeps no FIFO."""
+        self.writer_running = False
+        if not self._items:
+            self._items = None
 
     async def next_frame(self) -> str | CloseFrame:
-        """The next frame to send (for the writer task); waits while there is none."""
+        """The next frame to send; waits while there is none."""
+        while (frame := self.pop()) is None:
+            await self.wait()
+        return frame
+
+    def pop(self) -> str | CloseFrame | None:
+        """The next frame to send, or None when nothing is queued."""
         items = self._items
-        while not items:
-            await self._writer_lot.park()
+        if not items:
+            return None
         item = items.popleft()
         if type(item) is str or type(item) is CloseFrame:
             return item
         if type(item) is _Control:
             self._control_pending -= 1
-            self._control_lot.unpark()
+            if self._control_lot is not None:
+                self._control_lot.unpark()
             return item.frame
         assert isinstance(item, _TokenSlot | _QueuedSlot)
         return item.take()
@@ -173,11 +218,10 @@ class StreamSender:
             slot.queued = True
             self._outbox._push(slot)
 
-    async def token(self, content: str) -> None:
-        """Queue generated text; waits while this stream's unsent text is over its bound.
+    def put_token(self, content: str) -> bool:
+        """Queue generated text; True when this stream's unsent text is over its bound.
 
-        Not a checkpoint unless it waits: it is on the per-token path, whose caller has just
-        awaited the engine.
+        The caller should then ``await drained()`` before reading more from the engine.
         """
         if self.finished:
             raise RuntimeError(f"stream {self.request_id!r} already ended")
@@ -187,7 +231,21 @@ class StreamSender:
         if not slot.queued:
             slot.queued = True
             self._outbox._push(slot)
+        return slot.size >= self._outbox.stream_buffer_bytes
+
+    async def drained(self) -> None:
+        """Wait until the writer has taken this stream's unsent text (after :meth:`put_token` said so)."""
+        slot = self._tokens
         if slot.size >= self._outbox.stream_buffer_bytes:
             if slot.drained is None:
                 slot.drained = trio.Event()
             await slot.drained.wait()
+
+    async def token(self, content: str) -> None:
+        """Queue generated text; waits while this stream's unsent text is over its bound.
+
+        Not a checkpoint unless it waits: it is on the per-token path, whose caller has just
+        awaited the engine.
+        """
+        if self.put_token(content):
+            await self.drained()

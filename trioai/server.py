@@ -4,6 +4,7 @@ Task tree::
 
     serve                             owns the upstream client (closed on exit)
     └── services nursery
+        ├── Server.sweep              every connection's timers: pings, idle and send timeouts
         ├── serve_http                health, readiness, metrics (when --http-port is set)
         └── connections nursery       trio-websocket's handler nursery: outlives accepting, for the drain
             ├── accepting nursery
@@ -50,6 +51,8 @@ MESSAGE_QUEUE_SIZE: Final = 4
 CLOSE_INTERNAL_ERROR: Final = 1011
 READY_CHECK_TIMEOUT: Final = 2.0
 READY_CHECK_TTL: Final = 1.0
+SWEEP_MIN: Final = 0.005
+SWEEP_MAX: Final = 1.0
 
 
 @dataclass(frozen=True)
@@ -152,6 +155,15 @@ class Server:
             self._upstream_ok = (now, await self._upstream_ok_now())
         return self._upstream_ok[1]
 
+    async def sweep(self) -> None:
+        """Run every connection's timers from this one task (see :meth:`Session.tick`)."""
+        interval = sweep_interval(self.gateway.settings)
+        while True:
+            await trio.sleep(interval)
+            now = trio.current_time()
+            for session in list(self.sessions):
+                session.tick(now)
+
     async def drain(self, grace: float) -> None:
         """Let active generations finish for up to ``grace`` seconds, then end the rest; close all."""
         self.draining = True
@@ -231,6 +243,15 @@ class Server:
             )
 
 
+def sweep_interval(settings: Settings) -> float:
+    """How often the sweeper runs: a quarter of the shortest connection timer, within 5 ms .. 1 s.
+
+    A timer therefore fires at most that much late (a 20 s ping interval: 1 s).
+    """
+    timers = [t for t in (settings.ping_interval, settings.idle_timeout, settings.send_timeout) if t > 0]
+    return min(SWEEP_MAX, max(SWEEP_MIN, min(timers) / 4))
+
+
 def chat_page(ws_port: int, tls: bool) -> bytes:
     """The browser chat page (``static/index.html``), told which port and scheme the WebSocket uses."""
     html = resources.files(__package__).joinpath("static/index.html").read_text(encoding="utf-8")
@@ -290,6 +311,7 @@ async def serve(
             ws_listeners = [trio.SSLListener(listener, tls, https_compatible=True) for listener in listeners]
         server = Server(gateway)
         async with trio.open_nursery() as services:
+            services.start_soon(server.sweep)
             http_port = None
             if settings.http_port is not None:
                 routes = server.routes(int(sockname[1]), bool(settings.certfile))

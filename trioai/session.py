@@ -4,10 +4,16 @@ Task tree (the session nursery owns every task of the connection)::
 
     Session.run                    receive loop: parse, dispatch, answer pings, never blocked by a generation
     └── session nursery
-        ├── _write_loop            the only task that writes to the WebSocket (see outbox.py)
-        ├── _heartbeat             WebSocket pings (--ping-interval); drops a peer that stops answering
-        ├── _close_when_idle       (with --idle-timeout) closes 1000 when nothing happens
+        ├── _write_loop            the only task that writes frames (see outbox.py); runs while there is
+        │                          something to send or a generation running, started again on demand
+        ├── _ping                  one WebSocket ping and its pong wait, started by tick()
         └── _run_stream × N        one per active request, each inside its own CancelScope
+
+Timers: an idle connection has no task of its own waiting on a clock. The server's sweeper calls
+:meth:`Session.tick` every fraction of the shortest timeout, which sends pings (``--ping-interval``),
+closes idle connections (``--idle-timeout``, 1000) and drops a client that has read nothing for
+``--send-timeout`` while a frame waits (1008). Besides sparing memory per connection, the writer
+then needs no cancel scope per frame.
 
 ``cancel`` cancels that request's scope: whatever it awaits (the engine, capacity, a full buffer)
 raises ``Cancelled`` at once, leaving ``stream_chat`` closes the upstream response, and the task then
@@ -55,19 +61,28 @@ CLOSE_POLICY_VIOLATION: Final = 1008
 class Session:
     """The protocol state of one connection: its active streams and its outbox."""
 
+    __slots__ = ("ws", "gateway", "conn_id", "client", "outbox", "active", "requests", "draining", "_stopping",
+                 "_next_id", "_nursery", "_last_activity", "_last_ping", "_ping_in_flight", "_sending_since",
+                 "_stalled")
+
     def __init__(self, ws: WebSocketConnection, gateway: Gateway, conn_id: int, client: str = "-") -> None:
         self.ws = ws
         self.gateway = gateway
         self.conn_id = conn_id
         self.client = client  # whom rate limits count against: the API key id, or the peer address
-        self.outbox = Outbox(gateway.settings.stream_buffer_bytes)
+        self.outbox = Outbox(gateway.settings.stream_buffer_bytes, start_writer=self._start_writer)
         self.active: dict[RequestId, trio.CancelScope] = {}
-        self._next_id = 0
         self.requests = 0
         self.draining = False
         self._stopping = False
-        self._last_activity = trio.current_time()
-        self._activity = trio.Event()
+        self._next_id = 0
+        self._nursery: trio.Nursery | None = None  # set while run() can start tasks
+        now = trio.current_time()
+        self._last_activity = now
+        self._last_ping = now
+        self._ping_in_flight = False
+        self._sending_since: float | None = None  # when the frame being sent started, if one is
+        self._stalled = False
 
     def drain(self) -> None:
         """Take no new requests; close with 1001 once the active ones have ended."""
@@ -84,16 +99,47 @@ class Session:
 
     async def run(self) -> None:
         """Serve the connection until the client leaves; every task is gone when this returns."""
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._write_loop, nursery.cancel_scope)
-            if self.gateway.settings.ping_interval > 0:
-                nursery.start_soon(self._heartbeat, nursery.cancel_scope)
-            if self.gateway.settings.idle_timeout > 0:
-                nursery.start_soon(self._close_when_idle)
-            try:
-                await self._receive_loop(nursery)
-            finally:
-                nursery.cancel_scope.cancel()
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                if self.outbox:  # queued before run() (e.g. a drain that began meanwhile)
+                    self.outbox.writer_running = True
+                    self._start_writer()
+                try:
+                    await self._receive_loop(nursery)  # until the client leaves
+                finally:
+                    self._nursery = None
+                    nursery.cancel_scope.cancel()
+        finally:
+            if self._stalled:
+                await self._close_stalled()
+
+    def tick(self, now: float) -> None:
+        """Enforce this connection's timers (the server's sweeper calls this; see the module doc)."""
+        nursery = self._nursery
+        if nursery is None:
+            return
+        settings = self.gateway.settings
+        sending_since = self._sending_since
+        if sending_since is not None and now - sending_since >= settings.send_timeout:
+            log.info("connection conn=%d read nothing for %g s, disconnecting", self.conn_id, settings.send_timeout)
+            self._stalled = True
+            nursery.cancel_scope.cancel()
+            return
+        idle_timeout = settings.idle_timeout
+        if (idle_timeout > 0 and not self.active and not self.outbox.closing
+                and now - self._last_activity >= idle_timeout):
+            log.info("connection conn=%d idle for %g s, closing", self.conn_id, idle_timeout)
+            self.outbox.close(CLOSE_NORMAL, "idle timeout")
+        if settings.ping_interval > 0 and not self._ping_in_flight and now - self._last_ping >= settings.ping_interval:
+            self._ping_in_flight = True
+            nursery.start_soon(self._ping, nursery.cancel_scope)
+
+    def _start_writer(self) -> None:
+        if self._nursery is None:
+            self.outbox.writer_running = False  # the connection is ending: nothing more is sent
+            return
+        self._nursery.start_soon(self._write_loop, self._nursery.cancel_scope)
 
     async def _receive_loop(self, nursery: trio.Nursery) -> None:
         limits = self.gateway.limits
@@ -198,8 +244,10 @@ class Session:
         finally:
             del self.active[request_id]
             self._touch()
-            if self.draining and not self.active:
-                self.outbox.close(CLOSE_GOING_AWAY, "server shutting down")
+            if not self.active:
+                if self.draining:
+                    self.outbox.close(CLOSE_GOING_AWAY, "server shutting down")
+                self.outbox.wake_writer()  # it may leave now
             now = trio.current_time()
             tokens = stats.completion_tokens if stats.completion_tokens is not None else stats.deltas
             self.gateway.rate_limiter.debit_tokens(self.client, tokens, now)
@@ -229,74 +277,64 @@ class Session:
             log.exception("request conn=%d id=%s failed unexpectedly", self.conn_id, request_id)
             return Error(request_id, ErrorCode.INTERNAL_ERROR, "internal error in the gateway")
 
-    async def _drop_stalled_client(self, session_scope: trio.CancelScope) -> None:
-        """The client read nothing for ``send_timeout``: abort its generations and disconnect.
+    async def _close_stalled(self) -> None:
+        """The client read nothing for ``send_timeout``: its generations are aborted; disconnect it.
 
         The interrupted send may have left part of a frame on the wire, so the 1008 close frame
         is only a best effort: the TCP connection is closed either way.
         """
-        settings = self.gateway.settings
-        log.info("connection conn=%d read nothing for %g s, disconnecting", self.conn_id, settings.send_timeout)
-        session_scope.cancel()
-        with trio.move_on_after(min(settings.close_timeout, 1.0)) as scope:
+        with trio.move_on_after(min(self.gateway.settings.close_timeout, 1.0)) as scope:
             scope.shield = True
             await self.ws.aclose(CLOSE_POLICY_VIOLATION, "client too slow")
 
     def _touch(self) -> None:
         self._last_activity = trio.current_time()
-        self._activity.set()
-        self._activity = trio.Event()
 
-    async def _close_when_idle(self) -> None:
-        """Close with 1000 after ``idle_timeout`` with no generation running and no client frame."""
-        idle_timeout = self.gateway.settings.idle_timeout
-        while True:
-            if self.active:
-                await self._activity.wait()  # a stream ending touches
-                continue
-            with trio.move_on_at(self._last_activity + idle_timeout):
-                await self._activity.wait()
-                continue
-            log.info("connection conn=%d idle for %g s, closing", self.conn_id, idle_timeout)
-            self.outbox.close(CLOSE_NORMAL, "idle timeout")
-            return
-
-    async def _heartbeat(self, session_scope: trio.CancelScope) -> None:
-        """Ping every ``ping_interval``; a client that does not answer in ``ping_timeout`` is dropped.
+    async def _ping(self, session_scope: trio.CancelScope) -> None:
+        """One WebSocket ping; a client that does not answer in ``ping_timeout`` is dropped.
 
         Pings keep proxies (Nginx closes a connection silent for ``proxy_read_timeout``) and NATs
         from timing out idle connections, and find clients that vanished without closing.
-        trio-websocket's ``ping`` sends and then waits for the pong; a timeout that interrupts the
-        send can leave a partial frame, which is harmless here since the connection is dropped.
+        trio-websocket's ``ping`` sends (under its send lock, so never inside another frame) and
+        then waits for the pong; a timeout that interrupts the send can leave a partial frame,
+        which is harmless here since the connection is dropped.
         """
-        settings = self.gateway.settings
+        ping_timeout = self.gateway.settings.ping_timeout
         try:
-            while True:
-                await trio.sleep(settings.ping_interval)
-                with trio.move_on_after(settings.ping_timeout):
-                    await self.ws.ping()
-                    continue
-                log.info("connection conn=%d: no pong within %g s, disconnecting", self.conn_id,
-                         settings.ping_timeout)
-                session_scope.cancel()
+            with trio.move_on_after(ping_timeout):
+                await self.ws.ping()
                 return
+            log.info("connection conn=%d: no pong within %g s, disconnecting", self.conn_id, ping_timeout)
+            session_scope.cancel()
         except ConnectionClosed:
             return
+        finally:
+            self._ping_in_flight = False
+            self._last_ping = trio.current_time()
 
     async def _write_loop(self, session_scope: trio.CancelScope) -> None:
+        outbox = self.outbox
+        ws = self.ws
         try:
             while True:
-                frame = await self.outbox.next_frame()
+                frame = outbox.pop()
+                if frame is None:
+                    if not self.active:
+                        return  # nothing to send and nothing running: the next frame starts a writer
+                    await outbox.wait()
+                    continue
                 if isinstance(frame, CloseFrame):
                     with trio.move_on_after(self.gateway.settings.close_timeout):
-                        await self.ws.aclose(frame.code, frame.reason)
+                        await ws.aclose(frame.code, frame.reason)
                     session_scope.cancel()
                     return
-                with trio.move_on_after(self.gateway.settings.send_timeout) as send_scope:
-                    await self.ws.send_message(frame)
-                if send_scope.cancelled_caught:
-                    await self._drop_stalled_client(session_scope)
-                    return
+                # No cancel scope per frame: tick() enforces the send timeout from this timestamp.
+                self._sending_since = trio.current_time()
+                await ws.send_message(frame)
+                self._sending_since = None
         except ConnectionClosed:
             # The client is gone: stop the receive loop and every generation with it.
             session_scope.cancel()
+        finally:
+            self._sending_since = None
+            outbox.writer_stopped()

@@ -6,7 +6,7 @@ response closes its connection, which is how vLLM learns to abort the request an
 
 Error handling: every httpx exception and every non-200 answer becomes an
 :class:`~trioai.errors.UpstreamError` with a code a client can act on (the mapping is
-:data:`HTTP_STATUS_CODES` and :func:`map_httpx_errors`, after httpcore's ``map_exceptions``).
+:data:`HTTP_STATUS_CODES` and :func:`upstream_error`, after httpcore's ``map_exceptions``).
 Only ``Exception`` is caught, so ``trio.Cancelled`` always passes. Engine messages are forwarded
 for 4xx answers (they describe the client's request, e.g. a too-long context); 5xx bodies are only
 logged, since they may hold internals, and our API key is never part of any message.
@@ -21,6 +21,7 @@ from __future__ import annotations
 import collections
 import json
 import logging
+import math
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from typing import Any, Final
@@ -48,23 +49,26 @@ ERROR_BODY_LIMIT: Final = 64 * 1024
 MODELS_TIMEOUT: Final = 10.0
 
 
+def upstream_error(exc: httpx.HTTPError, phase: str) -> UpstreamError:
+    """The :class:`UpstreamError` for an httpx exception; ``phase`` goes into the message."""
+    if isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout):
+        return UpstreamError(ErrorCode.UPSTREAM_UNAVAILABLE, f"cannot connect to the engine ({phase})", retryable=True)
+    if isinstance(exc, httpx.TimeoutException):
+        return UpstreamError(ErrorCode.UPSTREAM_TIMEOUT, f"engine timed out ({phase})", retryable=True)
+    if isinstance(exc, httpx.RemoteProtocolError | httpx.ReadError | httpx.WriteError | httpx.CloseError):
+        return UpstreamError(
+            ErrorCode.UPSTREAM_DISCONNECTED, f"engine closed the connection ({phase})", retryable=phase != "stream"
+        )
+    return UpstreamError(ErrorCode.UPSTREAM_ERROR, f"engine request failed ({phase})")
+
+
 @contextmanager
 def map_httpx_errors(phase: str) -> Iterator[None]:
-    """Turn httpx's exceptions into :class:`UpstreamError`; ``phase`` goes into the message."""
+    """Turn httpx's exceptions into :class:`UpstreamError` (see :func:`upstream_error`)."""
     try:
         yield
-    except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
-        raise UpstreamError(
-            ErrorCode.UPSTREAM_UNAVAILABLE, f"cannot connect to the engine ({phase})", retryable=True
-        ) from exc
-    except httpx.TimeoutException as exc:
-        raise UpstreamError(ErrorCode.UPSTREAM_TIMEOUT, f"engine timed out ({phase})", retryable=True) from exc
-    except (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError, httpx.CloseError) as exc:
-        raise UpstreamError(
-            ErrorCode.UPSTREAM_DISCONNECTED, f"engine closed the connection ({phase})", retryable=phase != "stream"
-        ) from exc
     except httpx.HTTPError as exc:
-        raise UpstreamError(ErrorCode.UPSTREAM_ERROR, f"engine request failed ({phase})") from exc
+        raise upstream_error(exc, phase) from exc
 
 
 class ChatStream:
@@ -72,6 +76,11 @@ class ChatStream:
 
     Iterating yields each :class:`~trioai.sse.Chunk` up to (not including) ``[DONE]``; a stream that
     ends without ``[DONE]`` raises ``upstream_disconnected``.
+
+    The first-token and between-token timeouts are one cancel scope around the whole stream (see
+    :meth:`Upstream.stream_chat`) whose deadline moves on with the tokens, rather than a scope per
+    read: this is the per-token path. A between-token timeout fires at most 1/8 late. Time spent
+    waiting for a slow client is not the engine's: wrap such waits in :meth:`paused`.
     """
 
     def __init__(self, response: httpx.Response, decoder: SSEDecoder, first_token_timeout: float,
@@ -81,8 +90,9 @@ class ChatStream:
         self._decoder = decoder
         self._pending: collections.deque[Chunk] = collections.deque()
         self._deadline = trio.current_time() + first_token_timeout
+        self.timer = trio.CancelScope(deadline=self._deadline)
         self._token_timeout = token_timeout
-        self._first = True
+        self.first = True
         self._done = False
 
     def __aiter__(self) -> ChatStream:
@@ -93,16 +103,12 @@ class ChatStream:
         while not pending:
             if self._done:
                 raise StopAsyncIteration
-            with trio.move_on_at(self._deadline) as scope, map_httpx_errors("stream"):
-                try:
-                    data = await self._raw.__anext__()
-                except StopAsyncIteration:
-                    raise UpstreamError(
-                        ErrorCode.UPSTREAM_DISCONNECTED, "engine ended the stream without [DONE]"
-                    ) from None
-            if scope.cancelled_caught:
-                what = "first token" if self._first else "next token"
-                raise UpstreamError(ErrorCode.UPSTREAM_TIMEOUT, f"engine sent no {what} in time", retryable=self._first)
+            try:
+                data = await self._raw.__anext__()
+            except StopAsyncIteration:
+                raise UpstreamError(ErrorCode.UPSTREAM_DISCONNECTED, "engine ended the stream without [DONE]") from None
+            except httpx.HTTPError as exc:
+                raise upstream_error(exc, "stream") from exc
             progressed = False
             for event in self._decoder.feed(data):
                 chunk = parse_chunk(event)
@@ -110,14 +116,27 @@ class ChatStream:
                     self._done = True
                     break
                 # A role-only first chunk is not a token: the first-token deadline still runs.
-                progressed = progressed or not self._first or bool(
+                progressed = progressed or not self.first or bool(
                     chunk.content or chunk.finish_reason is not None or chunk.has_usage
                 )
                 pending.append(chunk)
             if progressed:
-                self._deadline = trio.current_time() + self._token_timeout
-                self._first = False
+                # Setting a deadline is not free (trio re-files the scope), so it moves in steps:
+                # never before last token + token_timeout, at most an eighth of that later.
+                limit = trio.current_time() + self._token_timeout
+                if self.first or limit > self._deadline:
+                    self._deadline = self.timer.deadline = limit + self._token_timeout / 8
+                    self.first = False
         return pending.popleft()
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        """Stop the engine's clock while the caller waits for something else (a slow client)."""
+        self.timer.deadline = math.inf
+        try:
+            yield
+        finally:
+            self._deadline = self.timer.deadline = trio.current_time() + self._token_timeout
 
     async def aclose(self) -> None:
         """Stop reading and close the HTTP response (and with it, an unfinished request)."""
@@ -205,7 +224,13 @@ class Upstream:
         try:
             if response.status_code != 200:
                 raise _status_error(response.status_code, await _read_bounded(response), response.headers)
-            yield stream
+            with stream.timer:
+                yield stream
+            if stream.timer.cancelled_caught:
+                what = "first token" if stream.first else "next token"
+                raise UpstreamError(
+                    ErrorCode.UPSTREAM_TIMEOUT, f"engine sent no {what} in time", retryable=stream.first
+                )
         finally:
             await stream.aclose()
 
