@@ -90,6 +90,7 @@ class FakeUpstream:
         self.model = model
         self.port = 0
         self.requests: list[RecordedRequest] = []
+        self.connections = 0  # TCP connections accepted so far (keep-alive reuse shows here)
         self.active = 0
         self._idle = trio.Event()
         self._idle.set()
@@ -118,6 +119,7 @@ class FakeUpstream:
 
     async def _handle_connection(self, stream: trio.SocketStream) -> None:
         conn = h11.Connection(h11.SERVER)
+        self.connections += 1
         try:
             while True:
                 request, body = await self._read_request(stream, conn)

@@ -7,6 +7,7 @@ response closes its connection, which is how vLLM learns to abort the request an
 Error handling: every httpx exception and every non-200 answer becomes an
 :class:`~trioai.errors.UpstreamError` with a code a client can act on (the mapping is
 :data:`HTTP_STATUS_CODES` and :func:`upstream_error`, after httpcore's ``map_exceptions``).
+The client runs on :class:`~trioai.transport.H11Transport`, a lean HTTP/1.1 transport (why: see there).
 Only ``Exception`` is caught, so ``trio.Cancelled`` always passes. Engine messages are forwarded
 for 4xx answers (they describe the client's request, e.g. a too-long context); 5xx bodies are only
 logged, since they may hold internals, and our API key is never part of any message.
@@ -32,6 +33,7 @@ import trio
 from . import __version__
 from .errors import ErrorCode, UpstreamError
 from .sse import DONE, Chunk, SSEDecoder, parse_chunk
+from .transport import H11Transport
 
 log = logging.getLogger("trioai.upstream")
 
@@ -174,8 +176,7 @@ class Upstream:
             headers=headers,
             # Read timeouts are ours (first/next token); httpx's would count keep-alive comments.
             timeout=httpx.Timeout(connect=connect_timeout, read=None, write=connect_timeout, pool=connect_timeout),
-            limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
-            transport=transport,
+            transport=transport or H11Transport(max_connections=max_connections),
             trust_env=False,
         )
 

@@ -1,0 +1,162 @@
+"""H11Transport: httpx over h11 on Trio, against the fake engine and raw sockets that misbehave."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Awaitable, Callable
+
+import httpx
+import pytest
+import trio
+
+from trioai.fake_upstream import FakeUpstream
+from trioai.sse import DONE, SSEDecoder, parse_chunk
+from trioai.transport import H11Transport
+
+Handler = Callable[[trio.SocketStream], Awaitable[None]]
+
+
+async def raw_server(nursery: trio.Nursery, handler: Handler) -> str:
+    """A TCP server running ``handler`` per connection; its base URL."""
+    listeners = await nursery.start(functools.partial(trio.serve_tcp, handler, 0, host="127.0.0.1"))
+    return f"http://127.0.0.1:{listeners[0].socket.getsockname()[1]}"
+
+
+def client(base_url: str, transport: H11Transport, **timeouts: float | None) -> httpx.AsyncClient:
+    timeout = httpx.Timeout(**{"timeout": 5.0, **timeouts})
+    return httpx.AsyncClient(base_url=base_url, transport=transport, timeout=timeout)
+
+
+def chat_body(content: str, max_tokens: int) -> dict[str, object]:
+    return {"model": "m", "stream": True, "messages": [{"role": "user", "content": content}], "max_tokens": max_tokens}
+
+
+async def test_get_and_a_streamed_post_reuse_one_connection(upstream: FakeUpstream) -> None:
+    async with client(upstream.base_url, H11Transport()) as http:
+        models = await http.get("/models")
+        assert models.status_code == 200
+        assert models.json()["data"][0]["id"] == "fake-model"
+        for _ in range(3):
+            request = http.build_request("POST", "/chat/completions", json=chat_body("a b", 4))
+            response = await http.send(request, stream=True)
+            body = b"".join([part async for part in response.aiter_raw()])
+            await response.aclose()
+            assert response.status_code == 200
+            assert response.http_version == "HTTP/1.1"
+            chunks = [parse_chunk(event) for event in SSEDecoder().feed(body)]
+            assert chunks[-1] is DONE
+            assert "".join(c.content or "" for c in chunks if c is not DONE) == "a b a b "
+            assert body.rstrip().endswith(b"data: [DONE]")
+    assert upstream.connections == 1  # keep-alive: every request went over the first connection
+
+
+async def test_closing_a_response_early_closes_its_connection(upstream: FakeUpstream) -> None:
+    async with client(upstream.base_url, H11Transport()) as http:
+        request = http.build_request("POST", "/chat/completions", json=chat_body("x", 1000))
+        response = await http.send(request, stream=True)
+        async for _ in response.aiter_raw():
+            break  # one read, then hang up as a cancelled generation does
+        await response.aclose()
+        record = upstream.requests[-1]
+        with trio.fail_after(5):
+            await record.closed.wait()
+        assert record.disconnected_at is not None and not record.completed
+        assert (await http.get("/models")).status_code == 200
+    assert upstream.connections == 2  # the cut connection was not reused
+
+
+async def test_an_idle_connection_the_engine_closed_is_not_reused(nursery: trio.Nursery) -> None:
+    accepted = 0
+
+    async def answer_once_then_close(stream: trio.SocketStream) -> None:
+        nonlocal accepted
+        accepted += 1
+        await stream.receive_some(65536)
+        await stream.send_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+        await stream.aclose()  # keep-alive was implied, but the server goes away
+
+    base = await raw_server(nursery, answer_once_then_close)
+    async with client(base, H11Transport()) as http:
+        assert (await http.get("/")).text == "ok"
+        await trio.sleep(0.1)  # the FIN arrives: the pooled socket turns readable
+        assert (await http.get("/")).text == "ok"
+    assert accepted == 2
+
+
+async def test_connection_refused_is_a_connect_error() -> None:
+    with trio.socket.socket() as sock:  # a port nobody listens on
+        await sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    async with client(f"http://127.0.0.1:{port}", H11Transport()) as http:
+        with pytest.raises(httpx.ConnectError):
+            await http.get("/")
+
+
+async def test_garbage_instead_of_http_is_a_protocol_error(nursery: trio.Nursery) -> None:
+    async def garbage(stream: trio.SocketStream) -> None:
+        await stream.receive_some(65536)
+        await stream.send_all(b"SSH-2.0-OpenSSH\r\n\r\n")
+        await trio.sleep(1)
+
+    async with client(await raw_server(nursery, garbage), H11Transport()) as http:
+        with pytest.raises(httpx.RemoteProtocolError):
+            await http.get("/")
+
+
+async def test_a_body_cut_short_is_a_protocol_error(nursery: trio.Nursery) -> None:
+    async def cut(stream: trio.SocketStream) -> None:
+        await stream.receive_some(65536)
+        await stream.send_all(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nonly this")
+        await stream.aclose()
+
+    async with client(await raw_server(nursery, cut), H11Transport()) as http, http.stream("GET", "/") as response:
+        assert response.status_code == 200
+        with pytest.raises(httpx.RemoteProtocolError):
+            await response.aread()
+
+
+async def test_no_response_head_in_time_is_a_read_timeout(nursery: trio.Nursery) -> None:
+    async def silent(stream: trio.SocketStream) -> None:
+        await trio.sleep_forever()
+
+    async with client(await raw_server(nursery, silent), H11Transport(), read=0.2) as http:
+        with pytest.raises(httpx.ReadTimeout):
+            await http.get("/")
+
+
+async def test_connection_limit_waits_then_times_out_then_hands_over(upstream: FakeUpstream) -> None:
+    async with client(upstream.base_url, H11Transport(max_connections=1), pool=0.2) as http:
+        first = await http.send(http.build_request("POST", "/chat/completions", json=chat_body("x", 1000)),
+                                stream=True)
+        with pytest.raises(httpx.PoolTimeout):
+            await http.get("/models")
+        results: list[int] = []
+
+        async def wait_for_the_connection() -> None:
+            results.append((await http.get("/models", timeout=5.0)).status_code)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(wait_for_the_connection)
+            await trio.sleep(0.05)
+            assert results == []  # still waiting: the only connection streams
+            await first.aclose()
+        assert results == [200]
+
+
+async def test_closing_the_transport_closes_idle_connections(nursery: trio.Nursery) -> None:
+    closed = trio.Event()
+
+    async def keep_alive(stream: trio.SocketStream) -> None:
+        await stream.receive_some(65536)
+        await stream.send_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+        if await stream.receive_some(65536) == b"":
+            closed.set()
+
+    transport = H11Transport()
+    async with client(await raw_server(nursery, keep_alive), transport) as http:
+        assert (await http.get("/")).text == "ok"
+        assert not closed.is_set()
+    with trio.fail_after(5):
+        await closed.wait()
+    with pytest.raises(RuntimeError):
+        await transport.handle_async_request(httpx.Request("GET", "http://127.0.0.1:1/"))
