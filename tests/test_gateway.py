@@ -420,3 +420,26 @@ async def test_nothing_leaks_after_connections_end(start_gateway: StartGateway, 
     stats = server.gateway.admission.limiter.statistics()
     assert (stats.borrowed_tokens, stats.tasks_waiting) == (0, 0)
     assert server.gateway.admission.queued == 0
+
+
+async def test_finished_streams_leave_their_engine_connection_for_the_next(
+    gateway: RunningServer, upstream: FakeUpstream
+) -> None:
+    """Read to the end of the HTTP body after [DONE]: the next request needs no new TCP connection."""
+    async with connect(gateway) as ws:
+        for i in range(3):
+            await send(ws, chat("a b", id=i))
+            events = await collect_until_terminal(ws, {i})
+            assert events[i][-1]["type"] == "done"
+        assert upstream.connections == 1
+        await send(ws, chat("long", max_tokens=2000, id="c"))
+        await recv(ws)  # start
+        await recv(ws)  # first token
+        await send(ws, {"type": "cancel", "id": "c"})
+        assert (await collect_until_terminal(ws, {"c"}))["c"][-1]["type"] == "cancelled"
+        with trio.fail_after(5):
+            await upstream.requests[-1].closed.wait()
+        assert upstream.requests[-1].disconnected_at is not None  # a cancel still closes its connection
+        await send(ws, chat("a b", id=9))
+        assert (await collect_until_terminal(ws, {9}))[9][-1]["type"] == "done"
+        assert upstream.connections == 2

@@ -48,6 +48,8 @@ HTTP_STATUS_CODES: Final[dict[int, tuple[ErrorCode, bool]]] = {
     504: (ErrorCode.UPSTREAM_TIMEOUT, True),
 }
 ERROR_BODY_LIMIT: Final = 64 * 1024
+FINISH_TIMEOUT: Final = 0.5
+FINISH_LIMIT: Final = 64 * 1024
 MODELS_TIMEOUT: Final = 10.0
 
 
@@ -130,6 +132,27 @@ class ChatStream:
                     self._deadline = self.timer.deadline = limit + self._token_timeout / 8
                     self.first = False
         return pending.popleft()
+
+    @property
+    def done(self) -> bool:
+        """True once ``[DONE]`` arrived."""
+        return self._done
+
+    async def finish(self) -> None:
+        """After ``[DONE]``: read the end of the HTTP body, so that its connection is reused.
+
+        Engines send the body's terminator right after ``[DONE]``; one that does not within
+        :data:`FINISH_TIMEOUT` (or sends more than :data:`FINISH_LIMIT`) just loses the connection.
+        """
+        received = 0
+        with trio.move_on_after(FINISH_TIMEOUT):
+            try:
+                async for data in self._raw:
+                    received += len(data)
+                    if received > FINISH_LIMIT:
+                        return
+            except httpx.HTTPError:
+                return
 
     @contextmanager
     def paused(self) -> Iterator[None]:
@@ -232,6 +255,8 @@ class Upstream:
                 raise UpstreamError(
                     ErrorCode.UPSTREAM_TIMEOUT, f"engine sent no {what} in time", retryable=stream.first
                 )
+            if stream.done:
+                await stream.finish()  # keep-alive: the next request skips a TCP connect
         finally:
             await stream.aclose()
 
