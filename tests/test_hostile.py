@@ -14,6 +14,7 @@ from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection, Request
 
 from trioai.server import RunningServer
+from trioai.transport import H11Transport
 
 from .conftest import StartGateway
 from .helpers import chat, collect_until_terminal, connect, count_tasks, send, settle
@@ -79,6 +80,13 @@ async def still_serves(server: RunningServer) -> None:
     assert events[-1]["type"] == "done"
 
 
+def assert_one_idle_engine_connection(server: RunningServer) -> None:
+    """Sequential requests left exactly one engine connection, pooled, none in use."""
+    transport = server.gateway.upstream.transport
+    assert isinstance(transport, H11Transport)
+    assert (transport.connections_open, transport.connections_idle) == (1, 1)
+
+
 @pytest.mark.parametrize(
     ("name", "data", "expected"),
     [
@@ -96,6 +104,8 @@ async def test_protocol_violations_close_only_the_offender(
     start_gateway: StartGateway, name: str, data: bytes, expected: set[int | None]
 ) -> None:
     server = await start_gateway()
+    await still_serves(server)  # the pooled engine connection (and the fake engine's task for it) exists
+    await settle()
     baseline = count_tasks()
     stream = await handshake(server)
     async with stream:
@@ -108,6 +118,7 @@ async def test_protocol_violations_close_only_the_offender(
             await trio.sleep(0.01)
     await settle()
     assert count_tasks() == baseline
+    assert_one_idle_engine_connection(server)
 
 
 async def test_a_frame_that_never_arrives_is_timed_out_by_the_pings(start_gateway: StartGateway) -> None:
@@ -134,6 +145,8 @@ async def test_two_thousand_connections_held_open(start_gateway: StartGateway) -
         resource.setrlimit(resource.RLIMIT_NOFILE, (4200, hard))
     assert resource.getrlimit(resource.RLIMIT_NOFILE)[0] >= 4200, "needs ~4,200 file descriptors (ulimit -n)"
     server = await start_gateway(max_connections=3000)
+    await still_serves(server)  # the pooled engine connection (and the fake engine's task for it) exists
+    await settle()
     baseline = count_tasks()
     streams: list[trio.SocketStream] = []
     try:
@@ -154,3 +167,4 @@ async def test_two_thousand_connections_held_open(start_gateway: StartGateway) -
             await trio.sleep(0.05)
     await settle()
     assert count_tasks() == baseline
+    assert_one_idle_engine_connection(server)

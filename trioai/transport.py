@@ -67,9 +67,20 @@ class H11Transport(httpx.AsyncBaseTransport):
     ) -> None:
         self.keepalive_expiry = keepalive_expiry
         self._ssl_context = ssl_context
+        self._max_connections = max_connections
         self._slots = trio.Semaphore(max_connections)
         self._idle: list[_Connection] = []
         self._closed = False
+
+    @property
+    def connections_open(self) -> int:
+        """Connections open now, in use or idle."""
+        return self._max_connections - self._slots.value
+
+    @property
+    def connections_idle(self) -> int:
+        """Open connections waiting in the pool for a request."""
+        return len(self._idle)
 
     async def aclose(self) -> None:
         """Close every idle connection; connections in use close with their responses."""

@@ -194,12 +194,13 @@ class Upstream:
         headers = {"user-agent": f"trioai/{__version__}", "accept-encoding": "identity"}
         if api_key:
             headers["authorization"] = f"Bearer {api_key}"
+        self.transport = transport or H11Transport(max_connections=max_connections)
         self._client = httpx.AsyncClient(
             base_url=self.base_url + "/",
             headers=headers,
             # Read timeouts are ours (first/next token); httpx's would count keep-alive comments.
             timeout=httpx.Timeout(connect=connect_timeout, read=None, write=connect_timeout, pool=connect_timeout),
-            transport=transport or H11Transport(max_connections=max_connections),
+            transport=self.transport,
             trust_env=False,
         )
 
