@@ -227,9 +227,9 @@ async def main_async(args: argparse.Namespace) -> None:
                 figures["direct"].add(f"tok/s @{count}", direct.tokens_per_s)
                 for kind in order:
                     await throughput(kind, unpaced.address, count, args.tokens, args.duration, figures[kind])
-            await direct_paced(slow.address, args.streams, 50, figures["direct"])
+            await direct_paced(slow.address, args.streams, args.paced_tokens, figures["direct"])
             for kind in order:
-                await paced(kind, slow.address, args.streams, 50, figures[kind])
+                await paced(kind, slow.address, args.streams, args.paced_tokens, figures[kind])
                 await cancels(kind, args.cancels, figures[kind])
             print(f"round {round_number + 1}/{args.rounds} done", file=sys.stderr, flush=True)
         for kind in kinds:
@@ -258,7 +258,8 @@ async def main_async(args: argparse.Namespace) -> None:
                          "yes" if figures["trioai"].median(alive) == 1 else "NO",
                          "yes" if figures["peer"].median(alive) == 1 else "NO", ""))
     print(f"### trioai vs FastAPI + openai (uvicorn): {args.rounds} rounds, {args.tokens}-token generations, "
-          f"{args.duration:g} s per throughput run; paced: {args.streams} streams × 50 tokens at 20 ms\n")
+          f"{args.duration:g} s per throughput run; paced: {args.streams} streams × {args.paced_tokens} tokens "
+          "at 20 ms\n")
     print("\n".join(lines))
 
 
@@ -269,6 +270,8 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=3.0)
     parser.add_argument("--tokens", type=int, default=256)
     parser.add_argument("--streams", type=int, default=64)
+    parser.add_argument("--paced-tokens", type=int, default=50,
+                        help="tokens per paced stream (more: per-request costs weigh less in CPU per token)")
     parser.add_argument("--cancels", type=int, default=10)
     parser.add_argument("--idle", type=int, nargs="*", default=[1000, 10000])
     args = parser.parse_args()
