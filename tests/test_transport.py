@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import functools
+import json
 from collections.abc import Awaitable, Callable
 
 import httpx
 import pytest
 import trio
 
-from trioai.fake_upstream import FakeUpstream
+from trioai.fake_upstream import FakeUpstream, Script
 from trioai.sse import DONE, SSEDecoder, parse_chunk
 from trioai.transport import H11Transport
 
@@ -160,3 +161,46 @@ async def test_closing_the_transport_closes_idle_connections(nursery: trio.Nurse
         await closed.wait()
     with pytest.raises(RuntimeError):
         await transport.handle_async_request(httpx.Request("GET", "http://127.0.0.1:1/"))
+
+
+async def test_idle_connections_past_their_expiry_are_closed(nursery: trio.Nursery) -> None:
+    closed = trio.Event()
+
+    async def keep_alive(stream: trio.SocketStream) -> None:
+        await stream.receive_some(65536)
+        await stream.send_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+        if await stream.receive_some(65536) == b"":
+            closed.set()
+
+    transport = H11Transport(keepalive_expiry=0.1)
+    async with client(await raw_server(nursery, keep_alive), transport) as http:
+        assert (await http.get("/")).text == "ok"
+        assert transport.close_expired() == 0  # fresh: kept
+        assert (transport.connections_open, transport.connections_idle) == (1, 1)
+        await trio.sleep(0.15)
+        assert transport.close_expired() == 1
+        assert (transport.connections_open, transport.connections_idle) == (0, 0)
+        with trio.fail_after(5):
+            await closed.wait()
+
+
+async def test_the_fake_engine_keeps_a_request_sent_while_it_streams(upstream: FakeUpstream) -> None:
+    """Keep-alive reuse can race the engine's disconnect watcher: the next request must not be lost."""
+    upstream.script = lambda body: Script(tokens=("x ",) * 5, delay=0.05)
+    stream = await trio.open_tcp_stream("127.0.0.1", upstream.port)
+    async with stream:
+        body = json.dumps(chat_body("x", 5)).encode()
+        request = (b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+                   b"content-length: %d\r\n\r\n%s" % (len(body), body))
+        await stream.send_all(request)
+        received = await stream.receive_some(65536)  # the head and the first chunk: now streaming
+        await stream.send_all(request)  # arrives while the engine's watcher task is reading
+        with trio.fail_after(5):
+            while received.count(b"data: [DONE]") < 2:
+                data = await stream.receive_some(65536)
+                assert data, "the engine closed the connection"
+                received += data
+        assert len(upstream.requests) == 2
+        with trio.fail_after(5):
+            await upstream.requests[1].closed.wait()
+    assert all(r.completed for r in upstream.requests)

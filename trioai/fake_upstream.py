@@ -204,7 +204,7 @@ class FakeUpstream:
         self._idle = trio.Event()
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._watch_disconnect, stream, record, nursery.cancel_scope)
+                nursery.start_soon(self._watch_disconnect, stream, conn, record, nursery.cancel_scope)
                 await self._answer(stream, conn, body, script, record)
                 nursery.cancel_scope.cancel()
         finally:
@@ -217,7 +217,7 @@ class FakeUpstream:
         if not record.completed:
             raise _ClientGone  # dropped or cut short on purpose: close the connection
 
-    async def _watch_disconnect(self, stream: trio.SocketStream, record: RecordedRequest,
+    async def _watch_disconnect(self, stream: trio.SocketStream, conn: h11.Connection, record: RecordedRequest,
                                 scope: trio.CancelScope) -> None:
         try:
             data = await stream.receive_some(RECEIVE_SIZE)
@@ -226,7 +226,10 @@ class FakeUpstream:
         if not data:
             record.disconnected_at = trio.current_time()
             scope.cancel()
-        # Pipelined bytes while streaming are not expected from httpx; ignore them.
+        else:
+            # The next request on this keep-alive connection, sent as soon as the client read the
+            # end of this response (before this task was cancelled): h11 keeps it for the next cycle.
+            conn.receive_data(data)
 
     async def _answer(self, stream: trio.SocketStream, conn: h11.Connection, body: dict[str, Any], script: Script,
                       record: RecordedRequest) -> None:
