@@ -11,6 +11,7 @@ from trio_websocket import ConnectionClosed, ConnectionRejected, open_websocket_
 
 from trioai.fake_upstream import FakeUpstream, Script
 from trioai.server import RunningServer
+from trioai.transport import H11Transport
 
 from .conftest import StartGateway
 from .helpers import (
@@ -443,3 +444,19 @@ async def test_finished_streams_leave_their_engine_connection_for_the_next(
         await send(ws, chat("a b", id=9))
         assert (await collect_until_terminal(ws, {9}))[9][-1]["type"] == "done"
         assert upstream.connections == 2
+
+
+async def test_the_sweeper_closes_engine_connections_left_idle(
+    start_gateway: StartGateway, upstream: FakeUpstream
+) -> None:
+    server = await start_gateway(ping_interval=0.2)  # sweeps every 50 ms
+    transport = server.gateway.upstream.transport
+    assert isinstance(transport, H11Transport)
+    transport.keepalive_expiry = 0.1
+    async with connect(server) as ws:
+        await send(ws, chat("a b", id=1))
+        assert (await collect_until_terminal(ws, {1}))[1][-1]["type"] == "done"
+    with trio.fail_after(5):
+        while transport.connections_open:
+            await trio.sleep(0.02)
+    assert upstream.connections == 1

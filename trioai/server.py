@@ -41,6 +41,7 @@ from .gateway import EngineWatch, Gateway
 from .http import Response, Route, serve_http
 from .metrics import CONTENT_TYPE
 from .session import Session
+from .transport import H11Transport
 from .upstream import Upstream
 
 log = logging.getLogger("trioai.server")
@@ -156,13 +157,17 @@ class Server:
         return self._upstream_ok[1]
 
     async def sweep(self) -> None:
-        """Run every connection's timers from this one task (see :meth:`Session.tick`)."""
+        """Run every connection's timers from this one task (see :meth:`Session.tick`), and close
+        engine connections that sat idle too long."""
         interval = sweep_interval(self.gateway.settings)
+        transport = self.gateway.upstream.transport
         while True:
             await trio.sleep(interval)
             now = trio.current_time()
             for session in list(self.sessions):
                 session.tick(now)
+            if isinstance(transport, H11Transport):
+                transport.close_expired()
 
     async def drain(self, grace: float) -> None:
         """Let active generations finish for up to ``grace`` seconds, then end the rest; close all."""

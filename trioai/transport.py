@@ -84,6 +84,23 @@ class H11Transport(httpx.AsyncBaseTransport):
         """Open connections waiting in the pool for a request."""
         return len(self._idle)
 
+    def close_expired(self) -> int:
+        """Close idle connections past ``keepalive_expiry`` or closed by the engine; how many.
+
+        Taking a connection checks this too; calling it now and then (the server's sweeper does)
+        also frees the sockets of a pool nobody draws from.
+        """
+        now = trio.current_time()
+        keep = []
+        for conn in self._idle:
+            if now - conn.idle_since > self.keepalive_expiry or conn.socket.is_readable():
+                self._discard(conn)
+            else:
+                keep.append(conn)
+        closed = len(self._idle) - len(keep)
+        self._idle = keep
+        return closed
+
     async def aclose(self) -> None:
         """Close every idle connection; connections in use close with their responses."""
         self._closed = True
