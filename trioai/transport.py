@@ -32,7 +32,8 @@ import httpx
 import trio
 
 READ_SIZE: Final = 65536
-DEFAULT_KEEPALIVE_EXPIRY: Final = 5.0
+# Below uvicorn's (so vLLM's) 5 s keep-alive timeout: never reuse a connection the engine is closing.
+DEFAULT_KEEPALIVE_EXPIRY: Final = 4.0
 
 
 class _Connection:
