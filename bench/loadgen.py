@@ -156,16 +156,13 @@ async def sse_generate(client: httpx.AsyncClient, base_url: str, max_tokens: int
     decoder = SSEDecoder()
     async with client.stream("POST", f"{base_url}/chat/completions", json=body) as response:
         response.raise_for_status()
-        raw_chunks = response.aiter_raw()
-        async for raw in raw_chunks:
+        async for raw in response.aiter_raw():
             now = trio.current_time()
             for data in decoder.feed(raw):
                 chunk = parse_chunk(data)
                 if chunk is DONE:
                     result.outcome = "done"
                     result.exact = result.text == expected_text(max_tokens)
-                    async for _ in raw_chunks:
-                        pass  # read to the end of the body: its connection is reused, as trioai's are
                     return result
                 if chunk.content:
                     result.on_token(chunk.content, now)
