@@ -94,7 +94,7 @@ class H11Transport(httpx.AsyncBaseTransport):
         now = trio.current_time()
         keep = []
         for conn in self._idle:
-            if now - conn.idle_since > self.keepalive_expiry or conn.socket.is_readable():
+            if self._spent(conn, now):
                 self._discard(conn)
             else:
                 keep.append(conn)
@@ -143,12 +143,16 @@ class H11Transport(httpx.AsyncBaseTransport):
             if conn.origin != origin:
                 continue
             del idle[index]
-            # A readable idle connection is one the engine closed (EOF) or broke: never reuse it.
-            if now - conn.idle_since > self.keepalive_expiry or conn.socket.is_readable():
+            if self._spent(conn, now):
                 self._discard(conn)
                 continue
             return conn
         return None
+
+    def _spent(self, conn: _Connection, now: float) -> bool:
+        """Whether an idle connection must not be reused: past its expiry, or readable, which for
+        an idle connection means the engine closed it (EOF) or broke it."""
+        return now - conn.idle_since > self.keepalive_expiry or conn.socket.is_readable()
 
     async def _open(self, request: httpx.Request, origin: tuple[bytes, bytes, int],
                     timeouts: dict[str, float | None]) -> _Connection:
