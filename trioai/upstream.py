@@ -138,21 +138,23 @@ class ChatStream:
         """True once ``[DONE]`` arrived."""
         return self._done
 
-    async def finish(self) -> None:
-        """After ``[DONE]``: read the end of the HTTP body, so that its connection is reused.
+    async def read_rest(self, limit: int, seconds: float) -> bytes:
+        """Up to ``limit`` bytes of what is left of the HTTP body, within ``seconds`` (what arrived
+        by then is returned, hence a bound of its own rather than the caller's cancel scope).
 
-        Engines send the body's terminator right after ``[DONE]``; one that does not within
-        :data:`FINISH_TIMEOUT` (or sends more than :data:`FINISH_LIMIT`) just loses the connection.
+        For an error answer's body, and after ``[DONE]`` for the body's end, so that the connection
+        is reused: a body that does not end within the bounds just loses its connection.
         """
-        received = 0
-        with trio.move_on_after(FINISH_TIMEOUT):
+        body = b""
+        with trio.move_on_after(seconds):
             try:
-                async for data in self._raw:
-                    received += len(data)
-                    if received > FINISH_LIMIT:
-                        return
+                async for part in self._raw:
+                    body += part
+                    if len(body) >= limit:
+                        break
             except httpx.HTTPError:
-                return
+                pass  # the caller has what arrived; the connection is closed with the response
+        return body[:limit]
 
     @contextmanager
     def paused(self) -> Iterator[None]:
@@ -248,7 +250,8 @@ class Upstream:
         stream = ChatStream(response, SSEDecoder(self.max_line_bytes), self.first_token_timeout, self.token_timeout)
         try:
             if response.status_code != 200:
-                raise _status_error(response.status_code, await _read_bounded(response), response.headers)
+                error_body = await stream.read_rest(ERROR_BODY_LIMIT, MODELS_TIMEOUT)
+                raise _status_error(response.status_code, error_body, response.headers)
             with stream.timer:
                 yield stream
             if stream.timer.cancelled_caught:
@@ -256,24 +259,10 @@ class Upstream:
                 raise UpstreamError(
                     ErrorCode.UPSTREAM_TIMEOUT, f"engine sent no {what} in time", retryable=stream.first
                 )
-            if stream.done:
-                await stream.finish()  # keep-alive: the next request skips a TCP connect
+            if stream.done:  # read the body's end: the connection is reused, the next request skips a connect
+                await stream.read_rest(FINISH_LIMIT, FINISH_TIMEOUT)
         finally:
             await stream.aclose()
-
-
-async def _read_bounded(response: httpx.Response) -> bytes:
-    """Up to ``ERROR_BODY_LIMIT`` bytes of an error body, within a few seconds."""
-    body = b""
-    with trio.move_on_after(MODELS_TIMEOUT):
-        try:
-            async for part in response.aiter_raw():
-                body += part
-                if len(body) >= ERROR_BODY_LIMIT:
-                    break
-        except httpx.HTTPError:
-            pass  # the status alone still says what happened
-    return body[:ERROR_BODY_LIMIT]
 
 
 def _status_error(status: int, body: bytes, headers: httpx.Headers) -> UpstreamError:
