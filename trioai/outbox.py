@@ -72,7 +72,7 @@ class _QueuedSlot:
 
 @dataclass(frozen=True)
 class CloseFrame:
-    """Returned by :meth:`Outbox.next_frame` after everything queued before it: close the socket."""
+    """Returned by :meth:`Outbox.pop` after everything queued before it: close the socket."""
 
     code: int
     reason: str
@@ -95,7 +95,7 @@ class Outbox:
                  "_control_pending", "_writer_lot", "_control_lot")
 
     def __init__(self, stream_buffer_bytes: int = 65536, max_control: int = DEFAULT_MAX_CONTROL,
-                 start_writer: Callable[[], None] | None = None) -> None:
+                 start_writer: Callable[[], bool] | None = None) -> None:
         self.stream_buffer_bytes = stream_buffer_bytes
         self.max_control = max_control
         self.closing = False
@@ -142,9 +142,17 @@ class Outbox:
         lot = self._writer_lot
         if lot:
             lot.unpark()
-        elif not self.writer_running and self._start_writer is not None:
-            self.writer_running = True
-            self._start_writer()
+        else:
+            self.ensure_writer()
+
+    def ensure_writer(self) -> None:
+        """Have ``start_writer`` start a writer task if frames wait and none runs.
+
+        ``start_writer`` returns whether it could (not while the connection is starting or ending);
+        frames queued meanwhile wait for the next call.
+        """
+        if self._items and not self.writer_running and self._start_writer is not None:
+            self.writer_running = self._start_writer()
 
     def wake_writer(self) -> None:
         """Let a waiting writer look again (e.g. whether it may leave, now that nothing runs)."""
@@ -162,12 +170,6 @@ class Outbox:
         self.writer_running = False
         if not self._items:
             self._items = None
-
-    async def next_frame(self) -> str | CloseFrame:
-        """The next frame to send; waits while there is none."""
-        while (frame := self.pop()) is None:
-            await self.wait()
-        return frame
 
     def pop(self) -> str | CloseFrame | None:
         """The next frame to send, or None when nothing is queued."""
@@ -241,11 +243,3 @@ class StreamSender:
                 slot.drained = trio.Event()
             await slot.drained.wait()
 
-    async def token(self, content: str) -> None:
-        """Queue generated text; waits while this stream's unsent text is over its bound.
-
-        Not a checkpoint unless it waits: it is on the per-token path, whose caller has just
-        awaited the engine.
-        """
-        if self.put_token(content):
-            await self.drained()

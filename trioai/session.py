@@ -102,9 +102,7 @@ class Session:
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
-                if self.outbox:  # queued before run() (e.g. a drain that began meanwhile)
-                    self.outbox.writer_running = True
-                    self._start_writer()
+                self.outbox.ensure_writer()  # for frames queued before run() (a drain that began meanwhile)
                 try:
                     await self._receive_loop(nursery)  # until the client leaves
                 finally:
@@ -135,11 +133,11 @@ class Session:
             self._ping_in_flight = True
             nursery.start_soon(self._ping, nursery.cancel_scope)
 
-    def _start_writer(self) -> None:
+    def _start_writer(self) -> bool:
         if self._nursery is None:
-            self.outbox.writer_running = False  # the connection is ending: nothing more is sent
-            return
+            return False  # run() has not begun (it starts one), or the connection is ending
         self._nursery.start_soon(self._write_loop, self._nursery.cancel_scope)
+        return True
 
     async def _receive_loop(self, nursery: trio.Nursery) -> None:
         limits = self.gateway.limits
