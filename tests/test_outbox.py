@@ -9,15 +9,28 @@ import pytest
 import trio
 import trio.testing
 
-from trioai.outbox import CloseFrame, Outbox
+from trioai.outbox import CloseFrame, Outbox, StreamSender
 from trioai.protocol import Cancelled, Done, Pong, Started, Usage
+
+
+async def next_frame(outbox: Outbox) -> str | CloseFrame:
+    """What the session's writer does: the next frame, waiting while there is none."""
+    while (frame := outbox.pop()) is None:
+        await outbox.wait()
+    return frame
+
+
+async def token(sender: StreamSender, content: str) -> None:
+    """What the gateway does with a delta: queue it, and wait for the writer when over the bound."""
+    if sender.put_token(content):
+        await sender.drained()
 
 
 async def drain(outbox: Outbox) -> list[Any]:
     """Every frame queued now, decoded (CloseFrame kept as is)."""
     frames: list[Any] = []
     while len(outbox):
-        frame = await outbox.next_frame()
+        frame = await next_frame(outbox)
         frames.append(frame if isinstance(frame, CloseFrame) else json.loads(frame))
     return frames
 
@@ -26,10 +39,10 @@ async def test_frames_keep_fifo_order_across_streams_and_control() -> None:
     outbox = Outbox()
     a, b = outbox.stream("a"), outbox.stream("b")
     a.event(Started("a", "m"))
-    await a.token("x")
+    await token(a, "x")
     b.event(Started("b", "m"))
     await outbox.send_control(Pong(1))
-    await b.token("y")
+    await token(b, "y")
     assert await drain(outbox) == [
         {"type": "start", "id": "a", "model": "m"},
         {"type": "token", "id": "a", "content": "x"},
@@ -43,16 +56,16 @@ async def test_unsent_tokens_coalesce_in_order_and_the_terminal_comes_last() -> 
     outbox = Outbox()
     a = outbox.stream("a")
     for piece in ["Hel", "lo", ", ", "wor", "ld"]:
-        await a.token(piece)
+        await token(a, piece)
     a.event(Done("a", "stop", Usage(1, 5), 1.0, 2.0))
     frames = await drain(outbox)
     assert frames[0] == {"type": "token", "id": "a", "content": "Hello, world"}
     assert [f["type"] for f in frames] == ["token", "done"]
     # Tokens after the slot was taken start a new frame.
     b = outbox.stream("b")
-    await b.token("1")
+    await token(b, "1")
     assert await drain(outbox) == [{"type": "token", "id": "b", "content": "1"}]
-    await b.token("2")
+    await token(b, "2")
     assert await drain(outbox) == [{"type": "token", "id": "b", "content": "2"}]
 
 
@@ -62,7 +75,7 @@ async def test_nothing_after_a_terminal_event() -> None:
     a.event(Cancelled("a"))
     assert a.finished
     with pytest.raises(RuntimeError):
-        await a.token("late")
+        await token(a, "late")
     with pytest.raises(RuntimeError):
         a.event(Cancelled("a"))
     a.queued(3)  # ignored after the end
@@ -86,8 +99,8 @@ async def test_a_full_stream_waits_and_resumes_when_drained() -> None:
     done = trio.Event()
 
     async def producer() -> None:
-        await slow.token("0123456789")  # reaches the bound: waits for the writer
-        await slow.token("more")
+        await token(slow, "0123456789")  # reaches the bound: waits for the writer
+        await token(slow, "more")
         done.set()
 
     async with trio.open_nursery() as nursery:
@@ -95,9 +108,9 @@ async def test_a_full_stream_waits_and_resumes_when_drained() -> None:
         await trio.testing.wait_all_tasks_blocked()
         assert not done.is_set()
         # Another stream and control events are not held up by the full one.
-        await other.token("free")
+        await token(other, "free")
         await outbox.send_control(Pong(None))
-        frames = [json.loads(await outbox.next_frame()) for _ in range(3)]
+        frames = [json.loads(await next_frame(outbox)) for _ in range(3)]
         assert frames == [
             {"type": "token", "id": "slow", "content": "0123456789"},
             {"type": "token", "id": "other", "content": "free"},
@@ -122,7 +135,7 @@ async def test_control_events_wait_when_max_control_are_unsent() -> None:
         nursery.start_soon(receiver)
         await trio.testing.wait_all_tasks_blocked()
         assert sent == 2  # the third waits
-        assert json.loads(await outbox.next_frame()) == {"type": "pong", "id": 0}
+        assert json.loads(await next_frame(outbox)) == {"type": "pong", "id": 0}
         await trio.testing.wait_all_tasks_blocked()
         assert sent == 3
     assert [f["id"] for f in await drain(outbox)] == [1, 2]
@@ -133,7 +146,7 @@ async def test_next_frame_waits_for_a_frame() -> None:
     got: list[str] = []
 
     async def writer() -> None:
-        frame = await outbox.next_frame()
+        frame = await next_frame(outbox)
         assert isinstance(frame, str)
         got.append(frame)
 
@@ -148,7 +161,7 @@ async def test_next_frame_waits_for_a_frame() -> None:
 async def test_close_comes_after_everything_queued_before_it() -> None:
     outbox = Outbox()
     a = outbox.stream("a")
-    await a.token("last words")
+    await token(a, "last words")
     outbox.close(1001, "bye")
     outbox.close(1000, "again")  # only the first close counts
     a.event(Cancelled("a"))  # dropped: the socket is closing
