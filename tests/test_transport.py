@@ -23,6 +23,30 @@ async def raw_server(nursery: trio.Nursery, handler: Handler) -> str:
     return f"http://127.0.0.1:{listeners[0].socket.getsockname()[1]}"
 
 
+OK = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"
+
+
+def replying(data: bytes, then: Callable[[trio.SocketStream], Awaitable[object]]) -> Handler:
+    """A raw server's handler: read the request, send ``data`` as the answer, then ``then(stream)``."""
+
+    async def handle(stream: trio.SocketStream) -> None:
+        await stream.receive_some(65536)
+        await stream.send_all(data)
+        await then(stream)
+
+    return handle
+
+
+def watching_for_eof(closed: trio.Event) -> Callable[[trio.SocketStream], Awaitable[None]]:
+    """Keep the connection and set ``closed`` when the client closes it."""
+
+    async def watch(stream: trio.SocketStream) -> None:
+        if await stream.receive_some(65536) == b"":
+            closed.set()
+
+    return watch
+
+
 def client(base_url: str, transport: H11Transport, **timeouts: float | None) -> httpx.AsyncClient:
     timeout = httpx.Timeout(**{"timeout": 5.0, **timeouts})
     return httpx.AsyncClient(base_url=base_url, transport=transport, timeout=timeout)
@@ -69,14 +93,12 @@ async def test_closing_a_response_early_closes_its_connection(upstream: FakeUpst
 async def test_an_idle_connection_the_engine_closed_is_not_reused(nursery: trio.Nursery) -> None:
     accepted = 0
 
-    async def answer_once_then_close(stream: trio.SocketStream) -> None:
+    async def close(stream: trio.SocketStream) -> None:
         nonlocal accepted
         accepted += 1
-        await stream.receive_some(65536)
-        await stream.send_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
         await stream.aclose()  # keep-alive was implied, but the server goes away
 
-    base = await raw_server(nursery, answer_once_then_close)
+    base = await raw_server(nursery, replying(OK, close))
     async with client(base, H11Transport()) as http:
         assert (await http.get("/")).text == "ok"
         await trio.sleep(0.1)  # the FIN arrives: the pooled socket turns readable
@@ -94,22 +116,17 @@ async def test_connection_refused_is_a_connect_error() -> None:
 
 
 async def test_garbage_instead_of_http_is_a_protocol_error(nursery: trio.Nursery) -> None:
-    async def garbage(stream: trio.SocketStream) -> None:
-        await stream.receive_some(65536)
-        await stream.send_all(b"SSH-2.0-OpenSSH\r\n\r\n")
+    async def linger(stream: trio.SocketStream) -> None:
         await trio.sleep(1)
 
+    garbage = replying(b"SSH-2.0-OpenSSH\r\n\r\n", linger)
     async with client(await raw_server(nursery, garbage), H11Transport()) as http:
         with pytest.raises(httpx.RemoteProtocolError):
             await http.get("/")
 
 
 async def test_a_body_cut_short_is_a_protocol_error(nursery: trio.Nursery) -> None:
-    async def cut(stream: trio.SocketStream) -> None:
-        await stream.receive_some(65536)
-        await stream.send_all(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nonly this")
-        await stream.aclose()
-
+    cut = replying(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nonly this", trio.SocketStream.aclose)
     async with client(await raw_server(nursery, cut), H11Transport()) as http, http.stream("GET", "/") as response:
         assert response.status_code == 200
         with pytest.raises(httpx.RemoteProtocolError):
@@ -147,11 +164,7 @@ async def test_connection_limit_waits_then_times_out_then_hands_over(upstream: F
 async def test_closing_the_transport_closes_idle_connections(nursery: trio.Nursery) -> None:
     closed = trio.Event()
 
-    async def keep_alive(stream: trio.SocketStream) -> None:
-        await stream.receive_some(65536)
-        await stream.send_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
-        if await stream.receive_some(65536) == b"":
-            closed.set()
+    keep_alive = replying(OK, watching_for_eof(closed))
 
     transport = H11Transport()
     async with client(await raw_server(nursery, keep_alive), transport) as http:
@@ -166,11 +179,7 @@ async def test_closing_the_transport_closes_idle_connections(nursery: trio.Nurse
 async def test_idle_connections_past_their_expiry_are_closed(nursery: trio.Nursery) -> None:
     closed = trio.Event()
 
-    async def keep_alive(stream: trio.SocketStream) -> None:
-        await stream.receive_some(65536)
-        await stream.send_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
-        if await stream.receive_some(65536) == b"":
-            closed.set()
+    keep_alive = replying(OK, watching_for_eof(closed))
 
     transport = H11Transport(keepalive_expiry=0.1)
     async with client(await raw_server(nursery, keep_alive), transport) as http:
