@@ -13,6 +13,8 @@ import trio
 from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection, Request
 
+from trioai import session as session_module
+from trioai.outbox import Outbox
 from trioai.server import RunningServer
 from trioai.transport import H11Transport
 
@@ -157,6 +159,9 @@ async def test_two_thousand_connections_held_open(start_gateway: StartGateway) -
                 await trio.sleep(0.01)
         assert server.server.open_connections == 2000
         await still_serves(server)
+        with trio.fail_after(10):  # still_serves' own connection is counted until its nursery has exited
+            while server.server.open_connections > 2000:
+                await trio.sleep(0.01)
         metrics = server.gateway.metrics.render().decode()
         assert "trioai_connections_open 2000.0" in metrics
     finally:
@@ -168,3 +173,34 @@ async def test_two_thousand_connections_held_open(start_gateway: StartGateway) -
     await settle()
     assert count_tasks() == baseline
     assert_one_idle_engine_connection(server)
+
+
+@pytest.mark.parametrize("where", ["receive loop", "writer task"])
+async def test_a_bug_costs_its_connection_not_the_server(
+    start_gateway: StartGateway, monkeypatch: pytest.MonkeyPatch, where: str
+) -> None:
+    """An exception of ours in the session (its own loop, or a task in the connection's nursery)
+    closes that connection with 1011 and leaks nothing; the server goes on serving."""
+    server = await start_gateway()
+    await still_serves(server)
+    await settle()
+    baseline = count_tasks()
+
+    def bug(*args: object) -> None:
+        raise RuntimeError("a bug")
+
+    if where == "receive loop":
+        monkeypatch.setattr(session_module, "parse_client_event", bug)
+    else:
+        monkeypatch.setattr(Outbox, "pop", bug)
+    stream = await handshake(server)
+    async with stream:
+        await stream.send_all(frame(0x1, b'{"type":"ping"}'))
+        assert await close_code(stream) == 1011
+    monkeypatch.undo()
+    with trio.fail_after(5):
+        while server.server.open_connections:
+            await trio.sleep(0.01)
+    await still_serves(server)
+    await settle()
+    assert count_tasks() == baseline

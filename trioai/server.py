@@ -6,25 +6,31 @@ Task tree::
     └── services nursery
         ├── Server.sweep              every connection's timers: pings, idle and send timeouts
         ├── serve_http                health, readiness, metrics (when --http-port is set)
-        └── connections nursery       trio-websocket's handler nursery: outlives accepting, for the drain
+        └── connections nursery       serve_listeners' handler nursery: outlives accepting, for the drain
             ├── accepting nursery
-            │   └── WebSocketServer.run   serve_listeners, one accept loop per listener
-            └── per connection: trio-websocket's reader task and _handle_connection
-                └── Server.handle → Session.run (see session.py for the tasks below it)
+            │   └── serve_listeners       one accept loop per listener
+            └── Server.serve_stream × N   one per connection: the handshake, then Session.run
+                └── connection nursery    trio-websocket's reader task and every task of the session
+                                          (see session.py for those)
 
 Graceful drain (when the ``drain`` event is set): the accepting nursery is cancelled, which closes
 the listeners; every session is told to drain (no new requests, close 1001 when idle); after
 ``drain_timeout`` the remaining generations end with ``error`` ``shutting_down``; ``serve``
 returns once every connection is closed.
 
-Error handling: trio-websocket does not catch a handler's exception; it would propagate into
-``serve_listeners`` and stop the server. :meth:`Server.handle` therefore catches ``Exception``
-(never ``Cancelled``), logs it with its traceback, and closes that one connection with 1011.
+Each connection has exactly one nursery. trio-websocket's ``WebSocketServer`` would open one of its
+own around the session's (~1.3 KB more per idle connection), so the server drives the handshake
+with trio-websocket's ``wrap_server_stream`` and enforces the handshake timeout itself.
+
+Error handling: an exception escaping a connection's task would propagate into ``serve_listeners``
+and stop the server. :meth:`Server.serve_stream` therefore catches ``Exception`` (never
+``Cancelled``), logs it with its traceback, and closes that one connection with 1011.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import logging
 import ssl
@@ -33,7 +39,7 @@ from importlib import resources
 from typing import Final
 
 import trio
-from trio_websocket import ConnectionClosed, WebSocketRequest, WebSocketServer
+from trio_websocket import ConnectionClosed, WebSocketRequest, wrap_server_stream
 
 from .auth import KeyFileError, KeySet, Rejection, check_handshake
 from .config import Settings
@@ -183,22 +189,48 @@ class Server:
         with trio.move_on_after(self.gateway.settings.close_timeout + 1.0):
             await self._no_sessions.wait()
 
-    async def handle(self, request: WebSocketRequest) -> None:
-        """trio-websocket's handler: check the path, accept, run the session, log."""
+    async def serve_stream(self, stream: trio.abc.Stream) -> None:
+        """serve_listeners' handler for one connection: handshake, session, close.
+
+        The connection's one nursery holds trio-websocket's reader task and every task of the
+        session. A bug of ours in any of them costs this connection (closed with 1011), never the
+        server; the socket is closed on the way out whatever happened.
+        """
+        session: Session | None = None
+        try:
+            async with trio.open_nursery() as nursery:
+                with trio.move_on_after(self.gateway.settings.handshake_timeout):
+                    request = await wrap_server_stream(
+                        nursery, stream, message_queue_size=MESSAGE_QUEUE_SIZE,
+                        max_message_size=self.gateway.settings.max_message_size,
+                    )
+                    session = await self._accept(request)
+                if session is None:
+                    nursery.cancel_scope.cancel()  # rejected or timed out: stop trio-websocket's reader
+                else:
+                    await session.run(nursery)  # cancels the nursery when the connection ends
+        except Exception:
+            log.exception("connection conn=%s failed", session.conn_id if session else "-")
+            if session is not None:
+                await session.close_now(CLOSE_INTERNAL_ERROR, "internal error")
+        finally:
+            await trio.aclose_forcefully(stream)
+            if session is not None:
+                self._session_ended(session)
+
+    async def _accept(self, request: WebSocketRequest) -> Session | None:
+        """Check the path, the limits and the credentials; accept (a new session) or reject (None)."""
         path = request.path.partition("?")[0]
         if self.draining:
-            with contextlib.suppress(ConnectionClosed):
-                await request.reject(503, body=b"server shutting down\n")
-            return
+            await reject(request, 503, "server shutting down")
+            return None
         if path != CHAT_PATH:
-            with contextlib.suppress(ConnectionClosed):
-                await request.reject(404, body=f"not found; the chat endpoint is {CHAT_PATH}\n".encode())
-            return
+            await reject(request, 404, f"not found; the chat endpoint is {CHAT_PATH}")
+            return None
         if len(self.sessions) >= self.gateway.settings.max_connections:
             self.gateway.metrics.handshakes_rejected.labels("503").inc()
-            with contextlib.suppress(ConnectionClosed):
-                await request.reject(503, body=b"too many connections; retry later\n")
-            return
+            await reject(request, 503, "too many connections; retry later")
+            return None
         decision = check_handshake(
             keys=self.keys,
             allowed_origins=self.origins,
@@ -208,18 +240,16 @@ class Server:
         )
         if isinstance(decision, Rejection):
             self.gateway.metrics.handshakes_rejected.labels(str(decision.status)).inc()
-            with contextlib.suppress(ConnectionClosed):
-                await request.reject(decision.status, body=f"{decision.reason}\n".encode())
-            return
+            await reject(request, decision.status, decision.reason)
+            return None
         try:
             ws = await request.accept(subprotocol=decision.subprotocol)
         except ConnectionClosed:
-            return
+            return None
         self.gateway.metrics.connections.inc()
         conn_id = next(self._conn_ids)
         remote = ws.remote
         peer = str(remote) if isinstance(remote, str) else f"{remote.address}:{remote.port}"
-        started = trio.current_time()
         client = decision.key_id or (str(remote.address) if not isinstance(remote, str) else remote)
         session = Session(ws, self.gateway, conn_id, client)
         self.sessions.add(session)
@@ -227,25 +257,26 @@ class Server:
         if self.draining:
             session.drain()
         log.info("connection conn=%d open peer=%s key=%s", conn_id, peer, decision.key_id or "-")
-        try:
-            await session.run()
-        except Exception:
-            log.exception("connection conn=%d failed", conn_id)
-            with trio.move_on_after(self.gateway.settings.close_timeout) as scope:
-                scope.shield = True
-                await ws.aclose(CLOSE_INTERNAL_ERROR, "internal error")
-        finally:
-            self.sessions.discard(session)
-            if not self.sessions:
-                self._no_sessions.set()
-            reason = ws.closed
-            log.info(
-                "connection conn=%d closed code=%s requests=%d duration_s=%.1f",
-                conn_id,
-                reason.code if reason is not None else "-",
-                session.requests,
-                trio.current_time() - started,
-            )
+        return session
+
+    def _session_ended(self, session: Session) -> None:
+        self.sessions.discard(session)
+        if not self.sessions:
+            self._no_sessions.set()
+        reason = session.ws.closed
+        log.info(
+            "connection conn=%d closed code=%s requests=%d duration_s=%.1f",
+            session.conn_id,
+            reason.code if reason is not None else "-",
+            session.requests,
+            trio.current_time() - session.opened_at,
+        )
+
+
+async def reject(request: WebSocketRequest, status: int, reason: str) -> None:
+    """Refuse a handshake with an HTTP ``status`` and ``reason`` as a one-line text body."""
+    with contextlib.suppress(ConnectionClosed):
+        await request.reject(status, body=f"{reason}\n".encode())
 
 
 def sweep_interval(settings: Settings) -> float:
@@ -322,17 +353,11 @@ async def serve(
                 routes = server.routes(int(sockname[1]), bool(settings.certfile))
                 http_port = await services.start(serve_http, settings.http_host, settings.http_port, routes)
             async with trio.open_nursery() as connections:
-                ws_server = WebSocketServer(
-                    server.handle,
-                    ws_listeners,
-                    handler_nursery=connections,
-                    message_queue_size=MESSAGE_QUEUE_SIZE,
-                    max_message_size=settings.max_message_size,
-                    connect_timeout=settings.handshake_timeout,
-                    disconnect_timeout=settings.close_timeout,
-                )
                 async with trio.open_nursery() as accepting:
-                    await accepting.start(ws_server.run)
+                    await accepting.start(
+                        functools.partial(trio.serve_listeners, server.serve_stream, ws_listeners,
+                                          handler_nursery=connections)
+                    )
                     running = RunningServer(
                         str(sockname[0]), int(sockname[1]), gateway, server, http_port, tls=bool(settings.certfile)
                     )

@@ -1,9 +1,11 @@
 """One WebSocket connection: a receive loop, a writer task, and a task per generation.
 
-Task tree (the session nursery owns every task of the connection)::
+Task tree (the connection's nursery, opened by ``Server.serve_stream``, owns every task of the
+connection; trio-websocket's reader task is in it too)::
 
     Session.run                    receive loop: parse, dispatch, answer pings, never blocked by a generation
-    └── session nursery
+    └── connection nursery
+        ├── trio-websocket's reader   reads frames, answers pings, feeds get_message()
         ├── _write_loop            the only task that writes frames (see outbox.py); runs while there is
         │                          something to send or a generation running, started again on demand
         ├── _ping                  one WebSocket ping and its pong wait, started by tick()
@@ -63,7 +65,7 @@ class Session:
 
     __slots__ = ("ws", "gateway", "conn_id", "client", "outbox", "active", "requests", "draining", "_stopping",
                  "_next_id", "_nursery", "_last_activity", "_last_ping", "_ping_in_flight", "_sending_since",
-                 "_stalled")
+                 "_stalled", "opened_at")
 
     def __init__(self, ws: WebSocketConnection, gateway: Gateway, conn_id: int, client: str = "-") -> None:
         self.ws = ws
@@ -83,6 +85,7 @@ class Session:
         self._ping_in_flight = False
         self._sending_since: float | None = None  # when the frame being sent started, if one is
         self._stalled = False
+        self.opened_at = now
 
     def drain(self) -> None:
         """Take no new requests; close with 1001 once the active ones have ended."""
@@ -97,20 +100,21 @@ class Session:
         for scope in self.active.values():
             scope.cancel()
 
-    async def run(self) -> None:
-        """Serve the connection until the client leaves; every task is gone when this returns."""
+    async def run(self, nursery: trio.Nursery) -> None:
+        """Serve the connection until the client leaves, starting tasks in ``nursery``; cancel it then.
+
+        ``nursery`` is the connection's (it also holds trio-websocket's reader task): every task of
+        the session is gone once it exits.
+        """
+        self._nursery = nursery
         try:
-            async with trio.open_nursery() as nursery:
-                self._nursery = nursery
-                self.outbox.ensure_writer()  # for frames queued before run() (a drain that began meanwhile)
-                try:
-                    await self._receive_loop(nursery)  # until the client leaves
-                finally:
-                    self._nursery = None
-                    nursery.cancel_scope.cancel()
+            self.outbox.ensure_writer()  # for frames queued before run() (a drain that began meanwhile)
+            await self._receive_loop(nursery)  # until the client leaves
         finally:
+            self._nursery = None
+            nursery.cancel_scope.cancel()
             if self._stalled:
-                await self._close_stalled()
+                await self.close_now(CLOSE_POLICY_VIOLATION, "client too slow")
 
     def tick(self, now: float) -> None:
         """Enforce this connection's timers (the server's sweeper calls this; see the module doc)."""
@@ -275,15 +279,16 @@ class Session:
             log.exception("request conn=%d id=%s failed unexpectedly", self.conn_id, request_id)
             return Error(request_id, ErrorCode.INTERNAL_ERROR, "internal error in the gateway")
 
-    async def _close_stalled(self) -> None:
-        """The client read nothing for ``send_timeout``: its generations are aborted; disconnect it.
+    async def close_now(self, code: int, reason: str) -> None:
+        """Best-effort close frame on a connection being torn down (a stalled client: 1008; a bug: 1011).
 
-        The interrupted send may have left part of a frame on the wire, so the 1008 close frame
-        is only a best effort: the TCP connection is closed either way.
+        The session's tasks are cancelled by now, trio-websocket's reader with them, and an
+        interrupted send may have left part of a frame on the wire: so this waits at most a second,
+        and the TCP connection is closed either way.
         """
         with trio.move_on_after(min(self.gateway.settings.close_timeout, 1.0)) as scope:
             scope.shield = True
-            await self.ws.aclose(CLOSE_POLICY_VIOLATION, "client too slow")
+            await self.ws.aclose(code, reason)
 
     def _touch(self) -> None:
         self._last_activity = trio.current_time()
