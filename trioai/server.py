@@ -47,6 +47,7 @@ from .gateway import EngineWatch, Gateway
 from .http import Response, Route, serve_http
 from .metrics import CONTENT_TYPE
 from .session import Session
+from .sockets import ClientStream
 from .transport import H11Transport
 from .upstream import Upstream
 
@@ -197,6 +198,9 @@ class Server:
         server; the socket is closed on the way out whatever happened.
         """
         session: Session | None = None
+        peer = peer_address(stream)
+        if isinstance(stream, trio.SocketStream):
+            stream = ClientStream(stream)  # plain TCP: lean reads and writes (see sockets.py)
         try:
             async with trio.open_nursery() as nursery:
                 with trio.move_on_after(self.gateway.settings.handshake_timeout):
@@ -204,7 +208,7 @@ class Server:
                         nursery, stream, message_queue_size=MESSAGE_QUEUE_SIZE,
                         max_message_size=self.gateway.settings.max_message_size,
                     )
-                    session = await self._accept(request)
+                    session = await self._accept(request, peer)
                 if session is None:
                     nursery.cancel_scope.cancel()  # rejected or timed out: stop trio-websocket's reader
                 else:
@@ -218,7 +222,7 @@ class Server:
             if session is not None:
                 self._session_ended(session)
 
-    async def _accept(self, request: WebSocketRequest) -> Session | None:
+    async def _accept(self, request: WebSocketRequest, peer: tuple[str, int] | None) -> Session | None:
         """Check the path, the limits and the credentials; accept (a new session) or reject (None)."""
         path = request.path.partition("?")[0]
         if self.draining:
@@ -248,15 +252,14 @@ class Server:
             return None
         self.gateway.metrics.connections.inc()
         conn_id = next(self._conn_ids)
-        remote = ws.remote
-        peer = str(remote) if isinstance(remote, str) else f"{remote.address}:{remote.port}"
-        client = decision.key_id or (str(remote.address) if not isinstance(remote, str) else remote)
+        client = decision.key_id or (peer[0] if peer else "-")
         session = Session(ws, self.gateway, conn_id, client)
         self.sessions.add(session)
         self._no_sessions = trio.Event()
         if self.draining:
             session.drain()
-        log.info("connection conn=%d open peer=%s key=%s", conn_id, peer, decision.key_id or "-")
+        log.info("connection conn=%d open peer=%s key=%s", conn_id, f"{peer[0]}:{peer[1]}" if peer else "-",
+                 decision.key_id or "-")
         return session
 
     def _session_ended(self, session: Session) -> None:
@@ -271,6 +274,19 @@ class Server:
             session.requests,
             trio.current_time() - session.opened_at,
         )
+
+
+def peer_address(stream: trio.abc.Stream) -> tuple[str, int] | None:
+    """The client's address and port (None once it is gone, or for a stream that is not TCP)."""
+    if isinstance(stream, trio.SSLStream):
+        stream = stream.transport_stream
+    if not isinstance(stream, trio.SocketStream):
+        return None
+    try:
+        address = stream.socket.getpeername()
+    except OSError:
+        return None
+    return str(address[0]), int(address[1])
 
 
 async def reject(request: WebSocketRequest, status: int, reason: str) -> None:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Final, cast
@@ -30,6 +29,8 @@ from typing import Final, cast
 import h11
 import httpx
 import trio
+
+from .sockets import read_socket
 
 READ_SIZE: Final = 65536
 # Below uvicorn's (so vLLM's) 5 s keep-alive timeout: never reuse a connection the engine is closing.
@@ -45,9 +46,9 @@ class _Connection:
         self.origin = origin
         self.stream = stream
         self.socket = socket
-        # Plain TCP reads straight from the socket (see _read_socket): this is the per-token read.
+        # Plain TCP reads straight from the socket (see sockets.py): this is the per-token read.
         self.receive: Callable[[int], Awaitable[bytes | bytearray]] = (
-            functools.partial(_read_socket, socket.fileno()) if isinstance(stream, trio.SocketStream)
+            functools.partial(read_socket, socket) if isinstance(stream, trio.SocketStream)
             else stream.receive_some
         )
         self.h11 = h11.Connection(h11.CLIENT)
@@ -291,22 +292,6 @@ async def _next_event(conn: _Connection, request: httpx.Request) -> object:
         raise httpx.RemoteProtocolError(str(exc), request=request) from exc
     except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
         raise httpx.ReadError(f"reading from the engine failed: {exc}", request=request) from exc
-
-
-async def _read_socket(fd: int, size: int) -> bytes:
-    """Up to ``size`` bytes from a non-blocking socket: wait until readable, then read.
-
-    trio's ``socket.recv`` tries the read first and waits only on ``EAGAIN``, which suits a socket
-    that usually has data; an engine's stream usually has none yet (the next token is being
-    computed), so that order costs a failed system call, an exception and a context manager per
-    token. A socket closed meanwhile wakes the wait with ``trio.ClosedResourceError``.
-    """
-    while True:
-        await trio.lowlevel.wait_readable(fd)
-        try:
-            return os.read(fd, size)
-        except BlockingIOError:
-            continue
 
 
 def _seconds(timeout: float | None) -> float:

@@ -1,0 +1,127 @@
+"""Plain-TCP reads and writes for the two paths every token takes: the engine's socket and the client's.
+
+trio's ``SocketStream`` is general-purpose, and on these paths it does more than they need.
+``receive_some`` tries the read first and waits only on ``EAGAIN``: an engine's socket usually has
+no data yet (the next token is being computed), so that order costs a failed system call and an
+exception per token. ``send_all`` passes a conflict detector, two context managers and trio's
+try-then-wait socket helper (an async context manager of its own), and then yields to the
+scheduler even when the kernel took every byte at once; trio-websocket, which writes every frame
+through it, has already yielded once for its send lock. Under the paced load of ``bench.compare``
+these layers were a tenth of the server's CPU (``docs/benchmarks.md``).
+
+So here a read waits for readability and then reads, and a write writes and waits for writability
+only when the kernel's buffer is full; OS errors become trio's stream errors as ``SocketStream``
+raises them. The file descriptor is looked up on every call, never cached: a closed socket reports
+-1 (``ClosedResourceError``) rather than a number the kernel may have given to another socket.
+TLS streams are left to trio (``trio.SSLStream``).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from typing import Final
+
+import trio
+
+DEFAULT_RECEIVE_SIZE: Final = 65536
+_CLOSED_ERRNOS: Final = frozenset({errno.EBADF, errno.ENOTSOCK})
+
+
+def _fd(sock: trio.socket.SocketType) -> int:
+    fd = sock.fileno()
+    if fd < 0:
+        raise trio.ClosedResourceError("the socket was already closed")
+    return fd
+
+
+def _stream_error(exc: OSError) -> trio.ClosedResourceError | trio.BrokenResourceError:
+    if exc.errno in _CLOSED_ERRNOS:
+        return trio.ClosedResourceError("the socket was already closed")
+    return trio.BrokenResourceError(f"socket connection broken: {exc}")
+
+
+async def read_socket(sock: trio.socket.SocketType, max_bytes: int = DEFAULT_RECEIVE_SIZE) -> bytes:
+    """Up to ``max_bytes`` from a non-blocking socket (``b""`` at EOF): wait until readable, then read.
+
+    A socket closed meanwhile raises ``trio.ClosedResourceError``, a broken connection
+    ``trio.BrokenResourceError``.
+    """
+    if max_bytes < 1:
+        raise ValueError("max_bytes must be >= 1")
+    while True:
+        await trio.lowlevel.wait_readable(_fd(sock))
+        try:
+            return os.read(_fd(sock), max_bytes)
+        except BlockingIOError:
+            continue  # readable was spurious
+        except OSError as exc:
+            raise _stream_error(exc) from exc
+
+
+async def write_socket(sock: trio.socket.SocketType, data: bytes | bytearray | memoryview) -> None:
+    """All of ``data`` to a non-blocking socket, waiting only while the kernel's buffer is full.
+
+    A checkpoint for cancellation, but no yield when the kernel takes everything at once: a caller
+    that writes in a loop must yield elsewhere (trio-websocket yields for its send lock before
+    every frame). Cancelled while waiting, part of ``data`` may have been written.
+    """
+    await trio.lowlevel.checkpoint_if_cancelled()
+    _fd(sock)  # a closed socket is an error even with nothing to write
+    with memoryview(data) as items, items.cast("B") as view:
+        while view:
+            try:
+                sent = os.write(_fd(sock), view)
+            except BlockingIOError:
+                await trio.lowlevel.wait_writable(_fd(sock))
+                continue
+            except OSError as exc:
+                raise _stream_error(exc) from exc
+            view = view[sent:]
+
+
+class ClientStream(trio.abc.HalfCloseableStream):
+    """A client's TCP connection as trio-websocket sees it: a ``trio.SocketStream`` whose
+    ``receive_some`` and ``send_all`` are :func:`read_socket` and :func:`write_socket`.
+
+    Like ``SocketStream``, it refuses a send while another is in progress, and a send or
+    ``send_eof`` racing one (trio-websocket sends under a lock; trio itself refuses two tasks
+    waiting to read the same socket).
+    """
+
+    __slots__ = ("stream", "socket", "_sending")
+
+    def __init__(self, stream: trio.SocketStream) -> None:
+        self.stream = stream
+        self.socket = stream.socket
+        self._sending = False
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        """Write all of ``data`` (see :func:`write_socket`)."""
+        if self._sending:
+            raise trio.BusyResourceError("another task is sending on this stream")
+        if self.socket.did_shutdown_SHUT_WR:
+            raise trio.ClosedResourceError("can't send data after sending EOF")
+        self._sending = True
+        try:
+            await write_socket(self.socket, data)
+        finally:
+            self._sending = False
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        """Up to ``max_bytes`` (see :func:`read_socket`); ``b""`` once the client has closed its side."""
+        return await read_socket(self.socket, DEFAULT_RECEIVE_SIZE if max_bytes is None else max_bytes)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        """Wait until the socket is writable."""
+        await self.stream.wait_send_all_might_not_block()
+
+    async def send_eof(self) -> None:
+        """Shut down the sending side."""
+        if self._sending:
+            raise trio.BusyResourceError("another task is sending on this stream")
+        await self.stream.send_eof()
+
+    async def aclose(self) -> None:
+        """Close the socket."""
+        await self.stream.aclose()
