@@ -106,7 +106,7 @@ async def test_handshakes_through_a_real_server(start_gateway: StartGateway, tmp
     assert await rejected_status(server.url, extra_headers=[("Authorization", "Bearer secret-1"),
                                                             ("Origin", "https://evil.example")]) == 403
     async with open_websocket_url(server.url, subprotocols=[SUBPROTOCOL, "bearer.secret-1"],
-                                  extra_headers=[("Origin", "https://app.example")]) as ws:
+                                  extra_headers=[(b"Origin", b"https://app.example")]) as ws:
         assert ws.subprotocol == SUBPROTOCOL
         await send(ws, chat("a b", max_tokens=2))
         events = next(iter((await collect_until_terminal(ws)).values()))

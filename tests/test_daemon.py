@@ -71,7 +71,7 @@ async def test_sigterm_lets_a_running_stream_finish(
         assert events[-1]["usage"]["completion_tokens"] == 50
         with pytest.raises(ConnectionClosed) as closed:
             await recv(ws)
-        assert closed.value.reason.code == 1001
+        assert closed.value.reason is not None and closed.value.reason.code == 1001
     with trio.fail_after(10):
         await process.wait()
     assert process.returncode == 0

@@ -395,7 +395,7 @@ async def test_oversized_frame_closes_with_1009(start_gateway: StartGateway) -> 
         await send(ws, chat("x" * 10_000))
         with pytest.raises(ConnectionClosed) as info:
             await recv(ws)
-    assert info.value.reason.code == 1009
+    assert info.value.reason is not None and info.value.reason.code == 1009
 
 
 async def test_nothing_leaks_after_connections_end(start_gateway: StartGateway, upstream: FakeUpstream) -> None:

@@ -20,6 +20,13 @@ async def next_frame(outbox: Outbox) -> str | CloseFrame:
     return frame
 
 
+async def next_text(outbox: Outbox) -> str:
+    """The next frame, which must be a text frame (not a close)."""
+    frame = await next_frame(outbox)
+    assert isinstance(frame, str), frame
+    return frame
+
+
 async def token(sender: StreamSender, content: str) -> None:
     """What the gateway does with a delta: queue it, and wait for the writer when over the bound."""
     if sender.put_token(content):
@@ -110,7 +117,7 @@ async def test_a_full_stream_waits_and_resumes_when_drained() -> None:
         # Another stream and control events are not held up by the full one.
         await token(other, "free")
         await outbox.send_control(Pong(None))
-        frames = [json.loads(await next_frame(outbox)) for _ in range(3)]
+        frames = [json.loads(await next_text(outbox)) for _ in range(3)]
         assert frames == [
             {"type": "token", "id": "slow", "content": "0123456789"},
             {"type": "token", "id": "other", "content": "free"},
@@ -135,7 +142,7 @@ async def test_control_events_wait_when_max_control_are_unsent() -> None:
         nursery.start_soon(receiver)
         await trio.testing.wait_all_tasks_blocked()
         assert sent == 2  # the third waits
-        assert json.loads(await next_frame(outbox)) == {"type": "pong", "id": 0}
+        assert json.loads(await next_text(outbox)) == {"type": "pong", "id": 0}
         await trio.testing.wait_all_tasks_blocked()
         assert sent == 3
     assert [f["id"] for f in await drain(outbox)] == [1, 2]

@@ -89,6 +89,7 @@ async def test_idle_connection_is_closed_with_1000(start_gateway: StartGateway) 
         start = trio.current_time()
         with pytest.raises(ConnectionClosed) as closed:
             await recv(ws, timeout=5)
+        assert closed.value.reason is not None
         assert closed.value.reason.code == 1000
         assert closed.value.reason.reason == "idle timeout"
         assert 0.25 <= trio.current_time() - start < 3
