@@ -245,32 +245,24 @@ class _ResponseBody(httpx.AsyncByteStream):
         conn = self._conn
         if conn is None:
             raise httpx.StreamClosed()
-        parser = conn.h11
-        receive = conn.receive
+        request = self._request
         timeout = self._read_timeout
-        try:
-            while True:
-                event = parser.next_event()
-                if type(event) is h11.Data:
-                    yield bytes(event.data)
-                elif event is h11.NEED_DATA:
-                    if timeout is None:
-                        parser.receive_data(cast(bytes, await receive(READ_SIZE)))
-                    else:
-                        with trio.move_on_after(timeout) as reading:
-                            parser.receive_data(cast(bytes, await receive(READ_SIZE)))
-                        if reading.cancelled_caught:
-                            raise httpx.ReadTimeout("the engine sent nothing in time", request=self._request)
-                elif type(event) is h11.EndOfMessage:
-                    self._complete = True
-                    return
-                else:
-                    raise httpx.RemoteProtocolError(f"unexpected {type(event).__name__} in the response body",
-                                                    request=self._request)
-        except h11.RemoteProtocolError as exc:
-            raise httpx.RemoteProtocolError(str(exc), request=self._request) from exc
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-            raise httpx.ReadError(f"reading from the engine failed: {exc}", request=self._request) from exc
+        while True:
+            if timeout is None:
+                event = await _next_event(conn, request)
+            else:
+                with trio.move_on_after(timeout) as reading:
+                    event = await _next_event(conn, request)
+                if reading.cancelled_caught:
+                    raise httpx.ReadTimeout("the engine sent nothing in time", request=request)
+            if type(event) is h11.Data:
+                yield bytes(event.data)
+            elif type(event) is h11.EndOfMessage:
+                self._complete = True
+                return
+            else:
+                raise httpx.RemoteProtocolError(f"unexpected {type(event).__name__} in the response body",
+                                                request=request)
 
     async def aclose(self) -> None:
         """Give the connection back to the pool if the body was read to its end; else close it."""
@@ -281,7 +273,7 @@ class _ResponseBody(httpx.AsyncByteStream):
 
 
 async def _next_event(conn: _Connection, request: httpx.Request) -> object:
-    """The next h11 event of the response head, reading as needed."""
+    """The next h11 event of the response (head or body), reading as needed; errors as httpx's."""
     try:
         while True:
             event = conn.h11.next_event()
