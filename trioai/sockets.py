@@ -49,10 +49,11 @@ async def read_socket(sock: trio.socket.SocketType, max_bytes: int = DEFAULT_REC
     """
     if max_bytes < 1:
         raise ValueError("max_bytes must be >= 1")
+    fd = _fd(sock)  # still ours after a wait: closing the socket wakes the wait with an error
     while True:
-        await trio.lowlevel.wait_readable(_fd(sock))
+        await trio.lowlevel.wait_readable(fd)
         try:
-            return os.read(_fd(sock), max_bytes)
+            return os.read(fd, max_bytes)
         except BlockingIOError:
             continue  # readable was spurious
         except OSError as exc:
@@ -67,13 +68,13 @@ async def write_socket(sock: trio.socket.SocketType, data: bytes | bytearray | m
     every frame). Cancelled while waiting, part of ``data`` may have been written.
     """
     await trio.lowlevel.checkpoint_if_cancelled()
-    _fd(sock)  # a closed socket is an error even with nothing to write
+    fd = _fd(sock)  # a closed socket is an error even with nothing to write; see read_socket
     with memoryview(data) as items, items.cast("B") as view:
         while view:
             try:
-                sent = os.write(_fd(sock), view)
+                sent = os.write(fd, view)
             except BlockingIOError:
-                await trio.lowlevel.wait_writable(_fd(sock))
+                await trio.lowlevel.wait_writable(fd)
                 continue
             except OSError as exc:
                 raise _stream_error(exc) from exc
