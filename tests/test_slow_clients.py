@@ -139,14 +139,15 @@ async def test_waiting_for_a_slow_client_is_not_an_engine_timeout(
 
 
 async def test_an_idle_connection_runs_no_task_of_its_own(start_gateway: StartGateway) -> None:
-    """Idle: only trio-websocket's two tasks; the writer starts for a frame and leaves after it."""
+    """Idle: only the connection's task and trio-websocket's frame reader; the writer starts for a
+    frame and leaves after it."""
     server = await start_gateway(ping_interval=20)
     await settle()
     before = count_tasks()
     stream, conn = await raw_handshake(server)
     async with stream:
         await settle()
-        assert count_tasks() == before + 2  # the connection's handler task and its frame reader
+        assert count_tasks() == before + 2  # Server.serve_stream and trio-websocket's frame reader
         await stream.send_all(conn.send(TextMessage(data='{"type":"ping","id":1}')))
         pong = None
         with trio.fail_after(5):
