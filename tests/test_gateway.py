@@ -257,6 +257,18 @@ async def test_upstream_failure_modes(
     assert all(r.headers["authorization"] == "Bearer sk-SECRET-KEY" for r in upstream.requests)
 
 
+async def test_cookies_an_engine_sets_are_not_sent_back(gateway: RunningServer, upstream: FakeUpstream) -> None:
+    """The gateway serves many users over one engine client: a cookie one answer set must not
+    travel with anyone's next request (an HTTP client's cookie jar would do exactly that)."""
+    upstream.script = lambda body: Script(tokens=("a ",), response_headers=(("set-cookie", "session=alice"),))
+    for user in ("alice", "bob"):
+        async with connect(gateway) as ws:
+            await send(ws, chat(user, id=user))
+            assert (await collect_until_terminal(ws, {user}))[user][-1]["type"] == "done"
+    assert len(upstream.requests) == 2
+    assert all("cookie" not in r.headers for r in upstream.requests)
+
+
 async def test_upstream_refusing_connections(start_gateway: StartGateway) -> None:
     with trio.socket.socket() as sock:
         await sock.bind(("127.0.0.1", 0))

@@ -48,6 +48,7 @@ class Script:
     send_done: bool = True
     raw_lines: tuple[bytes, ...] = ()
     batch: int = 1
+    response_headers: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass
@@ -258,7 +259,7 @@ class FakeUpstream:
             f'data: {{"id":"{chunk_id}","object":"chat.completion.chunk","created":{created},'
             f'"model":{json.dumps(self.model)},"choices":'
         ).encode()
-        headers = [("content-type", "text/event-stream"), ("cache-control", "no-cache")]
+        headers = [("content-type", "text/event-stream"), ("cache-control", "no-cache"), *script.response_headers]
         first = prefix + b'[{"index":0,"delta":{"role":"assistant","content":""},"finish_reason":null}]}\n\n'
         await self._send(stream, conn, h11.Response(status_code=200, headers=headers),
                          h11.Data(data=b"".join(script.raw_lines) + first))
