@@ -106,6 +106,21 @@ async def test_an_idle_connection_the_engine_closed_is_not_reused(nursery: trio.
     assert accepted == 2
 
 
+@pytest.mark.parametrize(("listen_on", "url_host"), [
+    pytest.param("127.0.0.1", "127.0.0.1", id="ipv4-literal"),
+    pytest.param("::1", "[::1]", id="ipv6-literal"),
+    pytest.param("127.0.0.1", "localhost", id="name"),
+])
+async def test_the_engine_is_reached_by_address_or_name(nursery: trio.Nursery, listen_on: str, url_host: str) -> None:
+    """IP literals take the plain-connect path, names go through trio's resolver: both must arrive."""
+    listeners = await nursery.start(functools.partial(trio.serve_tcp, replying(OK, trio.SocketStream.aclose), 0,
+                                                      host=listen_on))
+    port = listeners[0].socket.getsockname()[1]
+    async with client(f"http://{url_host}:{port}", H11Transport()) as http:
+        response = await http.get("/")
+    assert response.text == "ok"
+
+
 async def test_connection_refused_is_a_connect_error() -> None:
     with trio.socket.socket() as sock:  # a port nobody listens on
         await sock.bind(("127.0.0.1", 0))

@@ -21,7 +21,9 @@ the whole stream with one cancel scope (``upstream.ChatStream``) instead of one 
 from __future__ import annotations
 
 import functools
+import ipaddress
 import math
+import socket as stdlib_socket
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Final, cast
@@ -30,7 +32,7 @@ import h11
 import httpx
 import trio
 
-from .sockets import read_socket
+from .sockets import read_socket, write_socket
 
 READ_SIZE: Final = 65536
 # Below uvicorn's (so vLLM's) 5 s keep-alive timeout: never reuse a connection the engine is closing.
@@ -40,16 +42,19 @@ DEFAULT_KEEPALIVE_EXPIRY: Final = 4.0
 class _Connection:
     """One HTTP/1.1 connection: the byte stream, its socket and h11's state."""
 
-    __slots__ = ("origin", "stream", "socket", "receive", "h11", "idle_since")
+    __slots__ = ("origin", "stream", "socket", "receive", "send", "h11", "idle_since")
 
     def __init__(self, origin: tuple[bytes, bytes, int], stream: trio.abc.Stream, socket: trio.socket.SocketType):
         self.origin = origin
         self.stream = stream
         self.socket = socket
-        # Plain TCP reads straight from the socket (see sockets.py): this is the per-token read.
+        # Plain TCP reads and writes straight on the socket (see sockets.py): this is the per-token read.
+        plain = isinstance(stream, trio.SocketStream)
         self.receive: Callable[[int], Awaitable[bytes | bytearray]] = (
-            functools.partial(read_socket, socket) if isinstance(stream, trio.SocketStream)
-            else stream.receive_some
+            functools.partial(read_socket, socket) if plain else stream.receive_some
+        )
+        self.send: Callable[[bytes], Awaitable[None]] = (
+            functools.partial(write_socket, socket) if plain else stream.send_all
         )
         self.h11 = h11.Connection(h11.CLIENT)
         self.idle_since = 0.0
@@ -166,7 +171,7 @@ class H11Transport(httpx.AsyncBaseTransport):
             scheme, host, port = origin
             with trio.move_on_after(_seconds(timeouts.get("connect"))) as connecting:
                 try:
-                    tcp = await trio.open_tcp_stream(host.decode("ascii"), port)
+                    tcp = await _connect_tcp(host.decode("ascii"), port)
                 except OSError as exc:
                     raise httpx.ConnectError(str(exc) or type(exc).__name__, request=request) from exc
                 stream: trio.abc.Stream = tcp
@@ -195,7 +200,7 @@ class H11Transport(httpx.AsyncBaseTransport):
         parts.append(conn.h11.send(h11.EndOfMessage()))
         with trio.move_on_after(_seconds(write_timeout)) as writing:
             try:
-                await conn.stream.send_all(b"".join(p for p in parts if p))
+                await conn.send(b"".join(p for p in parts if p))
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
                 raise httpx.WriteError(f"sending to the engine failed: {exc}", request=request) from exc
         if writing.cancelled_caught:
@@ -284,6 +289,26 @@ async def _next_event(conn: _Connection, request: httpx.Request) -> object:
         raise httpx.RemoteProtocolError(str(exc), request=request) from exc
     except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
         raise httpx.ReadError(f"reading from the engine failed: {exc}", request=request) from exc
+
+
+async def _connect_tcp(host: str, port: int) -> trio.SocketStream:
+    """A TCP connection to ``host``; for an IP address (the usual engine URL) one plain connect.
+
+    ``trio.open_tcp_stream`` resolves the name and races the addresses it finds (happy eyeballs)
+    in a nursery of its own; for a single literal address that is half the CPU of a new engine
+    connection, which a burst of new requests pays one after another.
+    """
+    try:
+        family = stdlib_socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else stdlib_socket.AF_INET
+    except ValueError:
+        return await trio.open_tcp_stream(host, port)
+    sock = trio.socket.socket(family, stdlib_socket.SOCK_STREAM)
+    try:
+        await sock.connect((host, port))
+    except BaseException:
+        sock.close()
+        raise
+    return trio.SocketStream(sock)
 
 
 def _seconds(timeout: float | None) -> float:
