@@ -84,3 +84,30 @@ async def test_a_cancelled_holder_frees_its_slot() -> None:
         b.release.set()
         c.release.set()
     assert admission.limiter.borrowed_tokens == 0
+
+
+class StepCounter(trio.abc.Instrument):
+    """Counts the steps (runs between two schedule points) of one task."""
+
+    def __init__(self, task: trio.lowlevel.Task) -> None:
+        self.task = task
+        self.steps = 0
+
+    def after_task_step(self, task: trio.lowlevel.Task) -> None:
+        if task is self.task:
+            self.steps += 1
+
+
+async def test_free_capacity_is_taken_without_a_schedule_point() -> None:
+    """A request that finds capacity goes straight on to the engine, in the same task step."""
+    admission = Admission(1)
+    counter = StepCounter(trio.lowlevel.current_task())
+    trio.lowlevel.add_instrument(counter)
+    try:
+        async with admission.slot(lambda position: None):
+            assert counter.steps == 0 and admission.running == 1
+        await trio.lowlevel.checkpoint()
+        assert counter.steps == 1  # the counter does see a schedule point
+    finally:
+        trio.lowlevel.remove_instrument(counter)
+    assert admission.running == 0

@@ -44,14 +44,17 @@ class Admission:
 
         While waiting, ``report_position(n)`` is called with 1 for next-in-line, and again each time
         the position changes. It is never called when capacity is free at once.
+
+        Free capacity is taken without a schedule point, unlike ``CapacityLimiter.acquire``: the
+        body (a request to the engine) checkpoints on its own I/O at once, and in a burst of new
+        requests each extra yield makes every request wait for a pass over all the others before
+        it is sent (one fewer: burst TTFT p50 83 → 79 ms over 64 requests, docs/benchmarks.md).
         """
         borrower = object()
         try:
             self.limiter.acquire_on_behalf_of_nowait(borrower)
         except trio.WouldBlock:
             await self._wait_in_line(borrower, report_position)
-        else:
-            await trio.lowlevel.checkpoint()
         try:
             yield
         finally:
