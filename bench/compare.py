@@ -33,6 +33,20 @@ from trioai.fake_upstream import FakeUpstream, Script
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
+def machine_cpu() -> tuple[int, int]:
+    """Busy and total CPU time of the whole machine so far, in clock ticks (``/proc/stat``)."""
+    with open("/proc/stat") as stat:
+        ticks = [int(field) for field in stat.readline().split()[1:]]
+    idle = ticks[3] + ticks[4]  # idle + iowait
+    return sum(ticks) - idle, sum(ticks)
+
+
+def busy_percent(before: tuple[int, int], after: tuple[int, int]) -> float:
+    """Share of the machine's CPU time that was busy between two :func:`machine_cpu` readings."""
+    total = after[1] - before[1]
+    return 100.0 * (after[0] - before[0]) / total if total else float("nan")
+
+
 @dataclass
 class Server:
     """A server process under test and its WebSocket URL."""
@@ -126,9 +140,10 @@ async def throughput(kind: str, engine_url: str, connections: int, max_tokens: i
 async def paced(kind: str, engine_url: str, streams: int, max_tokens: int, figures: Figures) -> None:
     async with SERVERS[kind](engine_url) as server:
         await ws_load(server.url, 1, 4, 0.0)
-        cpu_before = server.cpu_seconds()
+        cpu_before, machine_before = server.cpu_seconds(), machine_cpu()
         result = await ws_load(server.url, streams, max_tokens, 0.0)
         cpu = server.cpu_seconds() - cpu_before
+        figures.add("machine CPU busy %", busy_percent(machine_before, machine_cpu()))
         if not result.all_exact:
             raise RuntimeError(f"{kind}: paced text not exact")
         frames = sum(s.frames for s in result.streams)
@@ -141,7 +156,9 @@ async def paced(kind: str, engine_url: str, streams: int, max_tokens: int, figur
 
 
 async def direct_paced(engine_url: str, streams: int, max_tokens: int, figures: Figures) -> None:
+    machine_before = machine_cpu()
     result = await sse_load(engine_url, streams, max_tokens, 0.0)
+    figures.add("machine CPU busy %", busy_percent(machine_before, machine_cpu()))
     figures.add("TTFT p50 ms", percentile(result.ttfts(), 50) * 1000)
     figures.add("TTFT p99 ms", percentile(result.ttfts(), 99) * 1000)
     figures.add("ITL p50 ms", percentile(result.gaps(), 50) * 1000)
@@ -237,7 +254,7 @@ async def main_async(args: argparse.Namespace) -> None:
 
     names = [f"tok/s @{c}" for c in connections] + [
         "TTFT p50 ms", "TTFT p99 ms", "ITL p50 ms", "ITL p99 ms", "CPU ms / 1000 token events",
-        "token events / delta",
+        "token events / delta", "machine CPU busy %",
     ]
     lines = [row("figure (median of rounds)", "direct SSE", "trioai", "peer", "trioai / peer"), row(*["---"] * 5)]
     for name in names:

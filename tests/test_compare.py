@@ -19,8 +19,10 @@ async def test_compare_prints_every_figure_with_a_ratio() -> None:
     out = result.stdout.decode()
     assert result.returncode == 0, result.stderr.decode()[-3000:]
     for figure in ("tok/s @1", "tok/s @16", "tok/s @64", "TTFT p50 ms", "ITL p99 ms", "CPU ms / 1000 token events",
-                   "cancel→ack p99 ms", "cancel→engine closed p50 ms", "KiB / idle conn @50"):
+                   "machine CPU busy %", "cancel→ack p99 ms", "cancel→engine closed p50 ms", "KiB / idle conn @50"):
         assert re.search(rf"^\| {re.escape(figure)} \|", out, re.MULTILINE), figure
+    busy = re.search(r"^\| machine CPU busy % \| ([0-9.]+) \| ([0-9.]+) \| ([0-9.]+) \|", out, re.MULTILINE)
+    assert busy and all(0 < float(share) <= 100 for share in busy.groups()), busy
     # trioai relays faster than the peer, and only trioai acknowledges a cancel mid-stream.
     ratio = float(re.search(r"^\| tok/s @16 \|[^|]*\|[^|]*\|[^|]*\| ([0-9.]+)×", out, re.MULTILINE).group(1))  # type: ignore[union-attr]
     assert ratio > 1.0
