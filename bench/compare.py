@@ -239,7 +239,7 @@ async def main_async(args: argparse.Namespace) -> None:
     async with fake_engine() as unpaced, fake_engine("--delay", "0.02") as slow:
         for round_number in range(args.rounds):
             order = kinds if round_number % 2 == 0 else kinds[::-1]  # alternate who goes first
-            for count in connections:
+            for count in () if args.paced_only else connections:
                 direct = await sse_load(unpaced.address, count, args.tokens, args.duration)
                 figures["direct"].add(f"tok/s @{count}", direct.tokens_per_s)
                 for kind in order:
@@ -247,9 +247,10 @@ async def main_async(args: argparse.Namespace) -> None:
             await direct_paced(slow.address, args.streams, args.paced_tokens, figures["direct"])
             for kind in order:
                 await paced(kind, slow.address, args.streams, args.paced_tokens, figures[kind])
-                await cancels(kind, args.cancels, figures[kind])
+                if not args.paced_only:
+                    await cancels(kind, args.cancels, figures[kind])
             print(f"round {round_number + 1}/{args.rounds} done", file=sys.stderr, flush=True)
-        for kind in kinds:
+        for kind in () if args.paced_only else kinds:
             await idle_memory(kind, unpaced.address, args.idle, figures[kind])
 
     names = [f"tok/s @{c}" for c in connections] + [
@@ -257,16 +258,16 @@ async def main_async(args: argparse.Namespace) -> None:
         "token events / delta", "machine CPU busy %",
     ]
     lines = [row("figure (median of rounds)", "direct SSE", "trioai", "peer", "trioai / peer"), row(*["---"] * 5)]
-    for name in names:
+    for name in (n for n in names if any(n in f.values for f in figures.values())):  # measured this run
         t, p, d = figures["trioai"].median(name), figures["peer"].median(name), figures["direct"].median(name)
         lines.append(row(name, fmt(d), fmt(t), fmt(p), ratio(t, p)))
     for name in ("cancel→ack", "cancel→engine closed"):
-        for pct in (50, 99):
+        for pct in (50, 99) if name in figures["trioai"].values else ():
             t = percentile(figures["trioai"].values.get(name, []), pct) * 1000
             p = percentile(figures["peer"].values.get(name, []), pct) * 1000
             shown = "never (2 s cap)" if p >= 2000 else fmt(p)
             lines.append(row(f"{name} p{pct} ms", "", fmt(t), shown, ratio(t, p)))
-    for count in args.idle:
+    for count in () if args.paced_only else args.idle:
         name = f"KiB / idle conn @{count}"
         t, p = figures["trioai"].median(name), figures["peer"].median(name)
         lines.append(row(name, "", fmt(t), fmt(p), ratio(t, p)))
@@ -291,6 +292,9 @@ def main() -> None:
                         help="tokens per paced stream (more: per-request costs weigh less in CPU per token)")
     parser.add_argument("--cancels", type=int, default=10)
     parser.add_argument("--idle", type=int, nargs="*", default=[1000, 10000])
+    parser.add_argument("--paced-only", action="store_true",
+                        help="only the paced load (e.g. to compare --streams 16, 32, 64): no throughput, cancel "
+                             "or idle runs")
     args = parser.parse_args()
     print(f"python {sys.version.split()[0]}, trio {trio.__version__}, {os.cpu_count()} CPUs\n")
     trio.run(main_async, args)

@@ -28,3 +28,15 @@ async def test_compare_prints_every_figure_with_a_ratio() -> None:
     assert ratio > 1.0
     assert re.search(r"^\| cancel→ack p50 ms \|\s*\| [0-9.]+ \| never \(2 s cap\)", out, re.MULTILINE)
     assert out.count("| yes |") >= 1
+
+
+async def test_paced_only_prints_the_paced_figures_and_nothing_else() -> None:
+    command = [sys.executable, "-W", "ignore", "-m", "bench.compare", "--paced-only", "--rounds", "1",
+               "--streams", "4", "--paced-tokens", "5"]
+    with trio.fail_after(120):
+        result = await trio.run_process(command, cwd=ROOT, capture_stdout=True, capture_stderr=True, check=False)
+    out = result.stdout.decode()
+    assert result.returncode == 0, result.stderr.decode()[-3000:]
+    rows = re.findall(r"^\| ([^|]+?) \|", out, re.MULTILINE)
+    assert rows[2:] == ["TTFT p50 ms", "TTFT p99 ms", "ITL p50 ms", "ITL p99 ms", "CPU ms / 1000 token events",
+                        "token events / delta", "machine CPU busy %"], rows
