@@ -16,6 +16,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -27,7 +28,7 @@ from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection, Request
 
 from bench.loadgen import percentile, sse_load, ws_cancel, ws_load
-from bench.run import fake_engine, gateway, row
+from bench.run import Process, fake_engine, gateway, row
 from trioai.fake_upstream import FakeUpstream, Script
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -47,6 +48,39 @@ def busy_percent(before: tuple[int, int], after: tuple[int, int]) -> float:
     return 100.0 * (after[0] - before[0]) / total if total else float("nan")
 
 
+def process_cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process ``pid`` so far (``/proc``)."""
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+@dataclass(frozen=True)
+class CpuUse:
+    """CPU used so far by the machine, the engine, this process (the load generator) and the server."""
+
+    machine: tuple[int, int]
+    engine: float
+    load_generator: float
+    server: float | None
+
+    @classmethod
+    def now(cls, engine: Process, server: Server | None = None) -> CpuUse:
+        """A reading of every counter."""
+        return cls(machine_cpu(), process_cpu_seconds(engine.process.pid), time.process_time(),
+                   None if server is None else server.cpu_seconds())
+
+    def record_since(self, before: CpuUse, token_events: int, figures: Figures) -> None:
+        """Add the CPU figures of the interval from ``before`` to this reading."""
+        per_1000 = 1_000_000 / token_events  # seconds of CPU → ms per 1,000 token events
+        figures.add("machine CPU busy %", busy_percent(before.machine, self.machine))
+        figures.add("load generator CPU ms / 1000 token events",
+                    (self.load_generator - before.load_generator) * per_1000)
+        figures.add("engine CPU ms / 1000 token events", (self.engine - before.engine) * per_1000)
+        if self.server is not None and before.server is not None:
+            figures.add("CPU ms / 1000 token events", (self.server - before.server) * per_1000)
+
+
 @dataclass
 class Server:
     """A server process under test and its WebSocket URL."""
@@ -57,9 +91,7 @@ class Server:
 
     def cpu_seconds(self) -> float:
         """User + system CPU time of the process so far."""
-        with open(f"/proc/{self.process.pid}/stat") as stat:
-            fields = stat.read().rpartition(")")[2].split()
-        return (int(fields[11]) + int(fields[12])) / CLK_TCK
+        return process_cpu_seconds(self.process.pid)
 
     def rss_kib(self) -> int:
         """Resident memory now."""
@@ -137,28 +169,27 @@ async def throughput(kind: str, engine_url: str, connections: int, max_tokens: i
         figures.add(f"tok/s @{connections}", result.tokens_per_s)
 
 
-async def paced(kind: str, engine_url: str, streams: int, max_tokens: int, figures: Figures) -> None:
-    async with SERVERS[kind](engine_url) as server:
+async def paced(kind: str, engine: Process, streams: int, max_tokens: int, figures: Figures) -> None:
+    async with SERVERS[kind](engine.address) as server:
         await ws_load(server.url, 1, 4, 0.0)
-        cpu_before, machine_before = server.cpu_seconds(), machine_cpu()
+        before = CpuUse.now(engine, server)
         result = await ws_load(server.url, streams, max_tokens, 0.0)
-        cpu = server.cpu_seconds() - cpu_before
-        figures.add("machine CPU busy %", busy_percent(machine_before, machine_cpu()))
+        after = CpuUse.now(engine, server)
         if not result.all_exact:
             raise RuntimeError(f"{kind}: paced text not exact")
         frames = sum(s.frames for s in result.streams)
+        after.record_since(before, frames, figures)
         figures.add("TTFT p50 ms", percentile(result.ttfts(), 50) * 1000)
         figures.add("TTFT p99 ms", percentile(result.ttfts(), 99) * 1000)
         figures.add("ITL p50 ms", percentile(result.gaps(), 50) * 1000)
         figures.add("ITL p99 ms", percentile(result.gaps(), 99) * 1000)
-        figures.add("CPU ms / 1000 token events", cpu * 1000 / frames * 1000)
         figures.add("token events / delta", frames / result.tokens)
 
 
-async def direct_paced(engine_url: str, streams: int, max_tokens: int, figures: Figures) -> None:
-    machine_before = machine_cpu()
-    result = await sse_load(engine_url, streams, max_tokens, 0.0)
-    figures.add("machine CPU busy %", busy_percent(machine_before, machine_cpu()))
+async def direct_paced(engine: Process, streams: int, max_tokens: int, figures: Figures) -> None:
+    before = CpuUse.now(engine)
+    result = await sse_load(engine.address, streams, max_tokens, 0.0)
+    CpuUse.now(engine).record_since(before, sum(s.frames for s in result.streams), figures)
     figures.add("TTFT p50 ms", percentile(result.ttfts(), 50) * 1000)
     figures.add("TTFT p99 ms", percentile(result.ttfts(), 99) * 1000)
     figures.add("ITL p50 ms", percentile(result.gaps(), 50) * 1000)
@@ -244,9 +275,9 @@ async def main_async(args: argparse.Namespace) -> None:
                 figures["direct"].add(f"tok/s @{count}", direct.tokens_per_s)
                 for kind in order:
                     await throughput(kind, unpaced.address, count, args.tokens, args.duration, figures[kind])
-            await direct_paced(slow.address, args.streams, args.paced_tokens, figures["direct"])
+            await direct_paced(slow, args.streams, args.paced_tokens, figures["direct"])
             for kind in order:
-                await paced(kind, slow.address, args.streams, args.paced_tokens, figures[kind])
+                await paced(kind, slow, args.streams, args.paced_tokens, figures[kind])
                 if not args.paced_only:
                     await cancels(kind, args.cancels, figures[kind])
             print(f"round {round_number + 1}/{args.rounds} done", file=sys.stderr, flush=True)
@@ -255,7 +286,8 @@ async def main_async(args: argparse.Namespace) -> None:
 
     names = [f"tok/s @{c}" for c in connections] + [
         "TTFT p50 ms", "TTFT p99 ms", "ITL p50 ms", "ITL p99 ms", "CPU ms / 1000 token events",
-        "token events / delta", "machine CPU busy %",
+        "token events / delta", "machine CPU busy %", "load generator CPU ms / 1000 token events",
+        "engine CPU ms / 1000 token events",
     ]
     lines = [row("figure (median of rounds)", "direct SSE", "trioai", "peer", "trioai / peer"), row(*["---"] * 5)]
     for name in (n for n in names if any(n in f.values for f in figures.values())):  # measured this run

@@ -39,4 +39,8 @@ async def test_paced_only_prints_the_paced_figures_and_nothing_else() -> None:
     assert result.returncode == 0, result.stderr.decode()[-3000:]
     rows = re.findall(r"^\| ([^|]+?) \|", out, re.MULTILINE)
     assert rows[2:] == ["TTFT p50 ms", "TTFT p99 ms", "ITL p50 ms", "ITL p99 ms", "CPU ms / 1000 token events",
-                        "token events / delta", "machine CPU busy %"], rows
+                        "token events / delta", "machine CPU busy %", "load generator CPU ms / 1000 token events",
+                        "engine CPU ms / 1000 token events"], rows
+    for name in ("load generator CPU ms / 1000 token events", "engine CPU ms / 1000 token events"):
+        found = re.search(rf"^\| {name} \| ([0-9.,]+) \| ([0-9.,]+) \| ([0-9.,]+) \|", out, re.MULTILINE)
+        assert found and all(float(cpu.replace(",", "")) > 0 for cpu in found.groups()), name
