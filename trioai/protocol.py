@@ -379,24 +379,26 @@ def _short(value: object, limit: int = 80) -> str:
 
 # --- encoding --------------------------------------------------------------------------------
 
-_dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode
+#: Compact JSON text, non-ASCII kept, no NaN or Infinity: every frame, and the engine request body.
+#: One encoder, built once (``json.dumps`` with options builds a new one per call).
+dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode
 
 
 def encode_id(request_id: RequestId | None) -> str:
     """The JSON text of an id, computed once per stream so tokens need not re-encode it."""
-    return _dumps(request_id)
+    return dumps(request_id)
 
 
 def encode_token(id_json: str, content: str) -> str:
     """The ``token`` frame: the per-token hot path, so built by concatenation."""
-    return '{"type":"token","id":' + id_json + ',"content":' + _dumps(content) + "}"
+    return '{"type":"token","id":' + id_json + ',"content":' + dumps(content) + "}"
 
 
 def encode(event: ServerEvent) -> str:
     """The JSON text frame of a server event."""
     if type(event) is Token:
         return encode_token(encode_id(event.id), event.content)
-    return _dumps(_as_dict(event))
+    return dumps(_as_dict(event))
 
 
 def _as_dict(event: ServerEvent) -> dict[str, Any]:

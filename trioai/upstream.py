@@ -32,6 +32,7 @@ import trio
 
 from . import __version__
 from .errors import ErrorCode, UpstreamError
+from .protocol import dumps
 from .sse import DONE, Chunk, SSEDecoder, parse_chunk
 from .transport import H11Transport
 
@@ -252,7 +253,7 @@ class Upstream:
         body = {**payload, "stream": True, "stream_options": {"include_usage": True}}
         request = httpx.Request(
             "POST", self._chat_url, headers=self._chat_headers, extensions=self._chat_extensions,
-            content=json.dumps(body, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode(),
+            content=dumps(body).encode(),
         )
         with trio.move_on_after(self.first_token_timeout) as scope, map_httpx_errors("sending the request"):
             response = await self.transport.handle_async_request(request)
