@@ -111,3 +111,72 @@ async def test_free_capacity_is_taken_without_a_schedule_point() -> None:
     finally:
         trio.lowlevel.remove_instrument(counter)
     assert admission.running == 0
+
+
+class Recorder:
+    """A waiter's report callback that checks each position against the line as it is then."""
+
+    def __init__(self, admission: Admission) -> None:
+        self.admission = admission
+        self.positions: list[int] = []
+        self.scope = trio.CancelScope()
+
+    def __call__(self, position: int) -> None:
+        self.positions.append(position)
+
+    async def run(self, release: trio.Event) -> None:
+        with self.scope:
+            async with self.admission.slot(self):
+                await release.wait()
+
+
+async def test_positions_are_reported_on_a_scale_so_the_cost_per_request_is_flat() -> None:
+    """With n waiters, each departure tells O(log n) waiters, not all n (issue: O(n²) wake-ups)."""
+    n = 400
+    admission = Admission(1)
+    releases = [trio.Event() for _ in range(n + 1)]
+    recorders = [Recorder(admission) for _ in range(n + 1)]
+    async with trio.open_nursery() as nursery:
+        for recorder, release in zip(recorders, releases, strict=True):
+            nursery.start_soon(recorder.run, release)
+            await trio.testing.wait_all_tasks_blocked()
+        assert admission.queued == n
+        for release in releases:
+            release.set()
+            await trio.testing.wait_all_tasks_blocked()
+    waiters = recorders[1:]
+    total = sum(len(r.positions) for r in waiters)
+    # Every value up to 10 plus ~10 per decade: far from the n²/2 = 80,000 reports of one per move.
+    assert total <= n * 30, total
+    last = waiters[-1].positions
+    assert last[0] == n and last[-1] == 1
+    assert last == sorted(last, reverse=True) and len(set(last)) == len(last)
+    assert [p for p in last if p <= 10] == list(range(10, 0, -1))  # near the front, every move
+    assert {12, 15, 20, 25, 30, 40, 50, 60, 80, 100, 120, 150, 200, 250, 300} <= set(last)
+    for recorder in waiters:
+        assert recorder.positions[-1] == 1
+
+
+async def test_positions_stay_exact_when_waiters_leave_from_the_middle() -> None:
+    admission = Admission(1)
+    holder_release = trio.Event()
+    recorders = [Recorder(admission) for _ in range(30)]
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(Recorder(admission).run, holder_release)
+        await trio.testing.wait_all_tasks_blocked()
+        for recorder in recorders:
+            nursery.start_soon(recorder.run, trio.Event())
+            await trio.testing.wait_all_tasks_blocked()
+        assert [r.positions for r in recorders[:3]] == [[1], [2], [3]]
+        for recorder in recorders[5:25]:  # twenty leave from the middle of the line
+            recorder.scope.cancel()
+        await trio.testing.wait_all_tasks_blocked()
+        remaining = recorders[:5] + recorders[25:]
+        for index, recorder in enumerate(remaining):
+            # Whoever stands at a reported position was told it; nobody was told a wrong one.
+            if index + 1 <= 10:
+                assert recorder.positions[-1] == index + 1
+            assert recorder.positions[-1] >= index + 1
+        assert admission.queued == 10
+        nursery.cancel_scope.cancel()
+    assert (admission.running, admission.queued) == (0, 0)

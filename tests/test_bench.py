@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import math
+import re
+import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -13,6 +16,8 @@ from bench.loadgen import expected_text, percentile, sse_load, ws_cancel, ws_loa
 from trioai.config import Settings
 from trioai.fake_upstream import FakeUpstream, Script
 from trioai.server import RunningServer, serve
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def numbered(body: dict[str, Any]) -> Script:
@@ -90,3 +95,18 @@ async def test_ws_cancel_rejects_a_stream_that_ends_first(nursery: trio.Nursery)
     async with open_websocket_url(server.url) as ws:
         with pytest.raises(AssertionError, match="ended before the cancel"):
             await ws_cancel(ws, "k1", after_tokens=3)
+
+
+async def test_queue_bench_counts_every_request_and_the_gateway_cpu() -> None:
+    command = [sys.executable, "-W", "ignore", "-m", "bench.queue", "--queued", "20", "--rounds", "1"]
+    with trio.fail_after(120):
+        result = await trio.run_process(command, cwd=ROOT, capture_stdout=True, capture_stderr=True, check=False)
+    out = result.stdout.decode()
+    assert result.returncode == 0, result.stderr.decode()[-3000:]
+    line = re.search(r"^\| current \| 20 \| ([0-9.]+) \| [0-9]+ \| ([0-9.]+) \| ([0-9.]+) \| ([0-9]+) \| ([0-9]+) \| "
+                     r"([0-9]+) \|$", out, re.MULTILINE)
+    assert line, out
+    wall, cpu_ms, queued_mean, queued_max, deepest, not_done = line.groups()
+    assert not_done == "0"  # every request ended done, with the exact text
+    assert float(wall) > 0 and float(cpu_ms) > 0  # 20 requests cost the gateway more than one 10 ms clock tick
+    assert 0 <= float(queued_mean) <= int(queued_max) <= int(deepest) <= 20
