@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import struct
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -81,3 +83,25 @@ def count_tasks() -> int:
 async def settle() -> None:
     """Let every task that can run, run."""
     await trio.testing.wait_all_tasks_blocked(cushion=0.05)
+
+
+def frame(opcode: int, payload: bytes, *, fin: bool = True, rsv: int = 0, mask: bool = True,
+          length: int | None = None, long_length: bool = False) -> bytes:
+    """One client WebSocket frame built by hand, masked unless told otherwise (so it can be wrong on purpose).
+
+    ``length`` announces another size than the payload's; ``long_length`` uses the 16-bit length
+    form even for a short payload (not minimal, which RFC 6455 forbids).
+    """
+    size = len(payload) if length is None else length
+    head = bytes([(0x80 if fin else 0) | rsv | opcode])
+    mask_bit = 0x80 if mask else 0
+    if size < 126 and not long_length:
+        head += bytes([mask_bit | size])
+    elif size < 1 << 16:
+        head += bytes([mask_bit | 126]) + struct.pack("!H", size)
+    else:
+        head += bytes([mask_bit | 127]) + struct.pack("!Q", size)
+    if not mask:
+        return head + payload
+    key = os.urandom(4)
+    return head + key + bytes(b ^ key[i % 4] for i, b in enumerate(payload))

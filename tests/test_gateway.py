@@ -9,7 +9,10 @@ import pytest
 import trio
 from trio_websocket import ConnectionClosed, ConnectionRejected, open_websocket_url
 
+from trioai.config import Settings
+from trioai.errors import ErrorCode, UpstreamError
 from trioai.fake_upstream import FakeUpstream, Script
+from trioai.gateway import MODEL_LOOKUP_RETRY, Gateway
 from trioai.server import RunningServer
 from trioai.transport import H11Transport
 
@@ -472,3 +475,54 @@ async def test_the_sweeper_closes_engine_connections_left_idle(
         while transport.connections_open:
             await trio.sleep(0.02)
     assert upstream.connections == 1
+
+
+class HangingModelList:
+    """An upstream whose model list takes ``seconds`` and then fails, counting the calls."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.calls = 0
+
+    async def list_models(self) -> list[str]:
+        self.calls += 1
+        await trio.sleep(self.seconds)
+        raise UpstreamError(ErrorCode.UPSTREAM_TIMEOUT, "engine did not list its models in time", retryable=True)
+
+
+async def test_one_model_lookup_is_shared_by_every_waiting_request(autojump_clock: trio.abc.Clock) -> None:
+    """The k-th of several requests waited k lookup timeouts behind a lock; now they share one lookup."""
+    upstream = HangingModelList(10.0)
+    gateway = Gateway(Settings(upstream="http://127.0.0.1:9/v1"), upstream)  # type: ignore[arg-type]
+    failed_at: list[float] = []
+
+    async def request() -> None:
+        with pytest.raises(UpstreamError):
+            await gateway.model()
+        failed_at.append(trio.current_time())
+
+    start = trio.current_time()
+    async with trio.open_nursery() as nursery:
+        for _ in range(5):
+            nursery.start_soon(request)
+    assert upstream.calls == 1
+    assert [round(t - start) for t in failed_at] == [10] * 5
+    # The failure is shared only briefly: a request soon after asks the engine again.
+    await trio.sleep(MODEL_LOOKUP_RETRY + 0.1)
+    with pytest.raises(UpstreamError):
+        await gateway.model()
+    assert upstream.calls == 2
+
+
+async def test_a_cancel_that_crosses_the_done_gets_no_error(gateway: RunningServer) -> None:
+    """The terminal event is the answer to a late cancel; nothing for that id may follow it."""
+    async with connect(gateway) as ws:
+        await send(ws, chat("hello there", max_tokens=2, id="late"))
+        events = await collect_until_terminal(ws, {"late"})
+        assert events["late"][-1]["type"] == "done"
+        await send(ws, {"type": "cancel", "id": "late"})
+        await send(ws, {"type": "ping", "id": 1})
+        assert await recv(ws) == {"type": "pong", "id": 1}
+        await send(ws, {"type": "cancel", "id": "never-seen"})  # an id that was never active still gets one
+        error = await recv(ws)
+        assert (error["type"], error["code"], error["id"]) == ("error", "unknown_id", "never-seen")

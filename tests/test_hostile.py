@@ -4,7 +4,6 @@ and goes on serving everyone else, with nothing leaked."""
 from __future__ import annotations
 
 import contextlib
-import os
 import resource
 import struct
 
@@ -14,29 +13,13 @@ from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection, Request
 
 from trioai import session as session_module
+from trioai.fake_upstream import FakeUpstream, Script, echo_script
 from trioai.outbox import Outbox
 from trioai.server import RunningServer
 from trioai.transport import H11Transport
 
 from .conftest import StartGateway
-from .helpers import chat, collect_until_terminal, connect, count_tasks, send, settle
-
-
-def frame(opcode: int, payload: bytes, *, mask: bool = True, length: int | None = None, fin: bool = True) -> bytes:
-    """One WebSocket frame built by hand (so it can be wrong on purpose)."""
-    size = len(payload) if length is None else length
-    head = bytes([(0x80 if fin else 0) | opcode])
-    mask_bit = 0x80 if mask else 0
-    if size < 126:
-        head += bytes([mask_bit | size])
-    elif size < 1 << 16:
-        head += bytes([mask_bit | 126]) + struct.pack("!H", size)
-    else:
-        head += bytes([mask_bit | 127]) + struct.pack("!Q", size)
-    if not mask:
-        return head + payload
-    key = os.urandom(4)
-    return head + key + bytes(b ^ key[i % 4] for i, b in enumerate(payload))
+from .helpers import chat, collect_until_terminal, connect, count_tasks, frame, send, settle
 
 
 async def handshake(server: RunningServer) -> trio.SocketStream:
@@ -204,3 +187,19 @@ async def test_a_bug_costs_its_connection_not_the_server(
     await still_serves(server)
     await settle()
     assert count_tasks() == baseline
+
+
+async def test_an_engine_event_that_never_ends_is_cut_at_its_size_cap(
+    start_gateway: StartGateway, upstream: FakeUpstream
+) -> None:
+    """``data:`` lines without the blank line that ends an event: an error at 1 MiB, not a heap of lines."""
+    flood = Script(raw_body=(b"data: x\n" * 8192,) * 256)  # 16 MiB, all one event
+    upstream.script = lambda body: flood if body["messages"][0]["content"] == "x" else echo_script(body)
+    server = await start_gateway(upstream_retries=0)
+    async with connect(server) as ws:
+        await send(ws, chat("x", id=1))
+        error = (await collect_until_terminal(ws, {1}))[1][-1]
+        assert (error["type"], error["code"]) == ("error", "upstream_error")
+        assert "larger than 1048576 bytes" in error["message"]
+        await send(ws, chat("y z", id=2, max_tokens=2))
+        assert (await collect_until_terminal(ws, {2}))[2][-1]["type"] == "done"

@@ -175,3 +175,59 @@ async def test_close_comes_after_everything_queued_before_it() -> None:
     await outbox.send_control(Pong(None))  # dropped too, without waiting
     assert await drain(outbox) == [{"type": "token", "id": "a", "content": "last words"},
                                    CloseFrame(1001, "bye")]
+
+
+def unsent_chars(outbox: Outbox) -> int:
+    """Characters the outbox holds right now, counted from its items (independent of its own counter)."""
+    total = 0
+    for item in outbox._items or ():
+        if isinstance(item, str):
+            total += len(item)
+        elif hasattr(item, "parts"):
+            total += sum(len(p) for p in item.parts)
+        elif hasattr(item, "frame"):
+            total += len(item.frame)
+    return total
+
+
+async def test_all_streams_of_a_connection_share_one_byte_bound() -> None:
+    """Finished streams' unsent text counts: a new stream's tokens wait until the writer catches up."""
+    outbox = Outbox(stream_buffer_bytes=1 << 20, connection_buffer_bytes=8192)
+    for i in range(3):  # three finished answers of 3,000 characters nobody has read yet
+        sender = outbox.stream(i)
+        sender.put_token("x" * 3000)  # the generation would wait after the third; it ends instead
+        sender.event(Done(i, "stop", Usage(1, 1), None, None))
+    assert outbox.full and outbox.queued_bytes == unsent_chars(outbox) > 8192
+    fourth = outbox.stream(4)
+    progressed = trio.Event()
+
+    async def producer() -> None:
+        await fourth.wait_for_room()  # what a new request does before its start
+        progressed.set()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(producer)
+        await trio.testing.wait_all_tasks_blocked()
+        assert not progressed.is_set()
+        assert fourth.put_token("y")  # over the connection's bound: the caller must wait
+        while outbox.full:
+            await next_text(outbox)
+        await trio.testing.wait_all_tasks_blocked()
+        assert progressed.is_set()
+    await drain(outbox)
+    assert outbox.queued_bytes == 0 == unsent_chars(outbox)
+
+
+async def test_the_byte_count_follows_every_kind_of_frame() -> None:
+    outbox = Outbox()
+    a = outbox.stream("a")
+    a.event(Started("a", "m"))
+    await token(a, "abc")
+    a.queued(3)
+    await outbox.send_control(Pong(7))
+    await token(a, "de")
+    assert outbox.queued_bytes == unsent_chars(outbox)
+    while len(outbox):
+        await next_frame(outbox)
+        assert outbox.queued_bytes == unsent_chars(outbox)
+    assert outbox.queued_bytes == 0

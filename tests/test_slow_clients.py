@@ -16,7 +16,9 @@ from trioai.fake_upstream import FakeUpstream, Script
 
 from .conftest import StartGateway
 from .helpers import chat, collect_until_terminal, count_tasks, recv, send, settle
+from .helpers import frame as ws_frame
 from .test_heartbeat import raw_handshake
+from .test_outbox import unsent_chars
 
 BIG = "x" * 1000 + " "
 
@@ -159,3 +161,77 @@ async def test_an_idle_connection_runs_no_task_of_its_own(start_gateway: StartGa
         assert count_tasks() == before + 2  # the writer left again
         (session,) = server.server.sessions
         assert not session.outbox.writer_running and len(session.outbox) == 0
+
+
+async def test_a_slow_reader_that_keeps_asking_is_held_to_the_connection_bound(
+    start_gateway: StartGateway, upstream: FakeUpstream
+) -> None:
+    """Finished answers still unsent count: new requests wait for room instead of piling up more.
+
+    The reported case: a client reading slower than it asks (60 KB answers, one request after
+    another) had 32 MB queued after 45 s. Here 30 answers of 60 KB are asked for while nothing is
+    read; the outbox must stay near --connection-buffer-bytes, and nothing may be lost.
+    """
+    answer = tuple(f"{i:04d}" + "y" * 996 for i in range(60))  # 60 KB, under the per-stream bound
+
+    def big(body: dict[str, Any]) -> Script:
+        return Script(tokens=answer, batch=16, finish_reason="stop")
+
+    upstream.script = big
+    cap = 65536
+    server = await start_gateway(connection_buffer_bytes=cap, send_timeout=30, max_streams_per_connection=8)
+    stalled = await stalled_client(server.host, server.port)  # asks for one answer, reads nothing
+    async with stalled:
+        (session,) = server.server.sessions
+        peak = 0
+        for i in range(30):
+            request = json.dumps(chat("more", max_tokens=60, id=i))
+            await stalled.send_all(ws_frame(1, request.encode()))
+            await trio.sleep(0.05)
+            peak = max(peak, unsent_chars(session.outbox))
+        await trio.sleep(0.3)
+        peak = max(peak, unsent_chars(session.outbox))
+        # The bound, overshot by at most one engine delta per running stream, plus small frames.
+        assert peak <= cap + 9 * 1000 + 4096, peak
+        # Now read everything: every request is answered whole or refused with a clear code.
+        events = await _read_events(stalled, ids=set(range(30)) | {"r1"})  # r1: the first request, sent with no id
+    texts = {rid: "".join(e["content"] for e in evs if e["type"] == "token") for rid, evs in events.items()}
+    answered = [rid for rid, evs in events.items() if evs[-1]["type"] == "done"]
+    refused = [rid for rid, evs in events.items() if evs[-1]["type"] == "error"]
+    assert "r1" in answered and len(answered) >= 2
+    for rid in answered:
+        assert texts[rid] == "".join(answer)
+    for rid in refused:
+        assert events[rid][-1]["code"] == "too_many_streams"
+    assert sorted(answered + refused, key=str) == sorted(events, key=str)
+
+
+async def _read_events(stream: trio.SocketStream, ids: set[Any]) -> dict[Any, list[dict[str, Any]]]:
+    """Read server frames from a raw stream (after the handshake) until every id has a terminal event."""
+    buffer = b""
+    events: dict[Any, list[dict[str, Any]]] = {}
+    finished: set[Any] = set()
+    with trio.fail_after(30):
+        while not ids <= finished:
+            data = await stream.receive_some(1 << 20)
+            assert data, "the server closed the connection"
+            buffer += data
+            while len(buffer) >= 2:
+                length, offset = buffer[1] & 0x7F, 2
+                if length == 126:
+                    length, offset = int.from_bytes(buffer[2:4], "big"), 4
+                elif length == 127:
+                    length, offset = int.from_bytes(buffer[2:10], "big"), 10
+                if len(buffer) < offset + length:
+                    break
+                opcode, payload = buffer[0] & 0x0F, buffer[offset:offset + length]
+                buffer = buffer[offset + length:]
+                if opcode != 1:
+                    continue
+                event = json.loads(payload)
+                rid = event.get("id")
+                assert rid not in finished, f"event after terminal for {rid!r}: {event}"
+                events.setdefault(rid, []).append(event)
+                if event["type"] in ("done", "error", "cancelled"):
+                    finished.add(rid)
+    return events

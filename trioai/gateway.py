@@ -22,6 +22,7 @@ from .metrics import Metrics
 from .outbox import StreamSender
 from .protocol import ChatRequest, Done, Error, RequestId, Started, Usage
 from .ratelimit import RateLimiter
+from .singleflight import SharedCall
 from .upstream import Upstream
 
 log = logging.getLogger("trioai.gateway")
@@ -32,6 +33,8 @@ RETRYABLE_CODES: Final = frozenset(
 )
 RETRY_BASE_DELAY: Final = 0.25
 RETRY_MAX_DELAY: Final = 5.0
+#: How long a failed model lookup is shared with every request before the engine is asked again.
+MODEL_LOOKUP_RETRY: Final = 2.0
 
 
 class EngineWatch(Protocol):
@@ -74,19 +77,21 @@ class Gateway:
         self.metrics = Metrics()
         self.rate_limiter = RateLimiter(settings.rate_limit_requests, settings.rate_limit_tokens)
         self._model = settings.model
-        self._model_lock = trio.Lock()
+        # One lookup in flight, shared by every request that needs it; a failure is shared briefly.
+        self._model_lookup = SharedCall(self._first_listed_model, error_ttl=MODEL_LOOKUP_RETRY)
 
     async def model(self) -> str:
         """The model to request: configured, or the first the engine lists (asked once)."""
         if self._model is not None:
             return self._model
-        async with self._model_lock:
-            if self._model is None:
-                models = await self.upstream.list_models()
-                if not models:
-                    raise UpstreamError(ErrorCode.UPSTREAM_ERROR, "engine lists no models")
-                self._model = models[0]
-                log.info("using model %s (first listed by the engine)", self._model)
+        return await self._model_lookup.get()
+
+    async def _first_listed_model(self) -> str:
+        models = await self.upstream.list_models()
+        if not models:
+            raise UpstreamError(ErrorCode.UPSTREAM_ERROR, "engine lists no models")
+        self._model = models[0]
+        log.info("using model %s (first listed by the engine)", self._model)
         return self._model
 
     async def generate(
@@ -100,6 +105,8 @@ class Gateway:
                 return Error(request_id, ErrorCode.OVERLOADED,
                              f"{self.admission.queued} requests are already waiting for capacity; retry later",
                              retry_after=OVERLOADED_RETRY_AFTER)
+            # A slow reader's earlier answers still unsent: the new one waits (outbox.py, Bounds).
+            await sender.wait_for_room()
             sender.event(Started(request_id, model))
             async with self.admission.slot(sender.queued):
                 stats.admitted_at = trio.current_time()

@@ -12,9 +12,14 @@ event is appended after its slot, so no token can follow it. ``queued`` position
 latest unsent value.
 
 Bounds: a stream's slot holds at most ``stream_buffer_bytes`` characters before the generation waits
-(which in turn stops reading from the engine); connection-level events (errors for bad frames,
-pongs) wait when ``max_control`` are unsent, which stops the receive task from reading. So a
-client that does not read cannot make the server buffer without limit.
+(which in turn stops reading from the engine); all of a connection's unsent frames together hold at
+most ``connection_buffer_bytes`` (``queued_bytes``, counted in characters of JSON text, token slots
+by their text) before every generation of the connection waits the same way and new requests wait
+to start (:meth:`Outbox.wait_for_room`) — a finished stream's unsent text and terminal event count
+until they are sent; connection-level events (errors for bad frames, pongs) wait when
+``max_control`` are unsent, which stops the receive task from reading. So a client that does not
+read, or reads slowly while it keeps starting generations, cannot make the server buffer without
+limit: each bound may be overshot by at most one engine delta per stream.
 
 Idle cost: an idle connection has no writer task and no FIFO. The first item queued calls
 ``start_writer`` (the session starts its writer task); the writer leaves when it has nothing to send
@@ -33,6 +38,7 @@ import trio
 from .protocol import TERMINAL_EVENTS, Queued, RequestId, ServerEvent, encode, encode_id, encode_token
 
 DEFAULT_MAX_CONTROL: Final = 64
+DEFAULT_CONNECTION_BUFFER_BYTES: Final = 262144
 
 
 class _TokenSlot:
@@ -91,21 +97,39 @@ _Item = str | _TokenSlot | _QueuedSlot | _Control | CloseFrame
 class Outbox:
     """The FIFO of frames one connection's writer task sends, in order."""
 
-    __slots__ = ("stream_buffer_bytes", "max_control", "closing", "writer_running", "_start_writer", "_items",
-                 "_control_pending", "_writer_lot", "_control_lot")
+    __slots__ = ("stream_buffer_bytes", "connection_buffer_bytes", "max_control", "closing", "writer_running",
+                 "queued_bytes", "_start_writer", "_items", "_control_pending", "_writer_lot", "_control_lot",
+                 "_room_lot")
 
     def __init__(self, stream_buffer_bytes: int = 65536, max_control: int = DEFAULT_MAX_CONTROL,
-                 start_writer: Callable[[], bool] | None = None) -> None:
+                 start_writer: Callable[[], bool] | None = None,
+                 connection_buffer_bytes: int = DEFAULT_CONNECTION_BUFFER_BYTES) -> None:
         self.stream_buffer_bytes = stream_buffer_bytes
+        self.connection_buffer_bytes = connection_buffer_bytes
         self.max_control = max_control
         self.closing = False
         self.writer_running = False
+        self.queued_bytes = 0  # characters of every unsent frame and token slot
         self._start_writer = start_writer
         self._items: collections.deque[_Item] | None = None  # created with the first item
         self._control_pending = 0
         # Created when first needed: most connections are idle most of the time.
         self._writer_lot: trio.lowlevel.ParkingLot | None = None
         self._control_lot: trio.lowlevel.ParkingLot | None = None
+        self._room_lot: trio.lowlevel.ParkingLot | None = None
+
+    @property
+    def full(self) -> bool:
+        """Whether unsent frames hold ``connection_buffer_bytes`` or more."""
+        return self.queued_bytes >= self.connection_buffer_bytes
+
+    async def wait_for_room(self) -> None:
+        """Wait while the connection's unsent frames are over their bound (a checkpoint either way)."""
+        await trio.lowlevel.checkpoint_if_cancelled()
+        while self.queued_bytes >= self.connection_buffer_bytes:
+            if self._room_lot is None:
+                self._room_lot = trio.lowlevel.ParkingLot()
+            await self._room_lot.park()
 
     def __len__(self) -> int:
         return len(self._items) if self._items is not None else 0
@@ -124,7 +148,9 @@ class Outbox:
         if self.closing:
             return
         self._control_pending += 1
-        self._push(_Control(encode(event)))
+        frame = encode(event)
+        self.queued_bytes += len(frame)
+        self._push(_Control(frame))
 
     def close(self, code: int, reason: str) -> None:
         """Close the connection once every frame queued so far is sent; later frames are dropped."""
@@ -177,15 +203,28 @@ class Outbox:
         if not items:
             return None
         item = items.popleft()
-        if type(item) is str or type(item) is CloseFrame:
-            return item
-        if type(item) is _Control:
+        frame: str | CloseFrame
+        if type(item) is _TokenSlot:
+            self.queued_bytes -= item.size
+            frame = item.take()
+        elif type(item) is str:
+            self.queued_bytes -= len(item)
+            frame = item
+        elif type(item) is _Control:
+            self.queued_bytes -= len(item.frame)
             self._control_pending -= 1
             if self._control_lot is not None:
                 self._control_lot.unpark()
-            return item.frame
-        assert isinstance(item, _TokenSlot | _QueuedSlot)
-        return item.take()
+            frame = item.frame
+        elif type(item) is CloseFrame:
+            return item
+        else:
+            assert isinstance(item, _QueuedSlot)
+            return item.take()
+        room_lot = self._room_lot
+        if room_lot and self.queued_bytes < self.connection_buffer_bytes:
+            room_lot.unpark_all()
+        return frame
 
 
 class StreamSender:
@@ -206,7 +245,11 @@ class StreamSender:
             raise RuntimeError(f"stream {self.request_id!r} already ended")
         if isinstance(event, TERMINAL_EVENTS):
             self.finished = True
-        self._outbox._push(encode(event))
+        frame = encode(event)
+        outbox = self._outbox
+        if not outbox.closing:
+            outbox.queued_bytes += len(frame)
+        outbox._push(frame)
 
     def queued(self, position: int) -> None:
         """Report a queue position; an unsent earlier position is replaced, not repeated."""
@@ -221,25 +264,34 @@ class StreamSender:
             self._outbox._push(slot)
 
     def put_token(self, content: str) -> bool:
-        """Queue generated text; True when this stream's unsent text is over its bound.
+        """Queue generated text; True when this stream's or the connection's unsent text is over its bound.
 
         The caller should then ``await drained()`` before reading more from the engine.
         """
         if self.finished:
             raise RuntimeError(f"stream {self.request_id!r} already ended")
         slot = self._tokens
+        outbox = self._outbox
         slot.parts.append(content)
-        slot.size += len(content)
+        size = len(content)
+        slot.size += size
         if not slot.queued:
             slot.queued = True
-            self._outbox._push(slot)
-        return slot.size >= self._outbox.stream_buffer_bytes
+            outbox._push(slot)
+        outbox.queued_bytes += size
+        return slot.size >= outbox.stream_buffer_bytes or outbox.queued_bytes >= outbox.connection_buffer_bytes
+
+    async def wait_for_room(self) -> None:
+        """Wait while the connection's unsent frames are over their bound (before a new request starts)."""
+        await self._outbox.wait_for_room()
 
     async def drained(self) -> None:
-        """Wait until the writer has taken this stream's unsent text (after :meth:`put_token` said so)."""
+        """Wait until this stream's and the connection's unsent text are under their bounds again
+        (after :meth:`put_token` said they were over)."""
         slot = self._tokens
         if slot.size >= self._outbox.stream_buffer_bytes:
             if slot.drained is None:
                 slot.drained = trio.Event()
             await slot.drained.wait()
+        await self._outbox.wait_for_room()
 

@@ -58,6 +58,9 @@ SERVER_ID_PREFIX: Final = "r"
 CLOSE_NORMAL: Final = 1000
 CLOSE_GOING_AWAY: Final = 1001
 CLOSE_POLICY_VIOLATION: Final = 1008
+#: Ids of ended generations remembered per connection, so that a ``cancel`` which crossed the
+#: terminal event on the wire is ignored instead of answered with ``unknown_id``.
+ENDED_IDS_REMEMBERED: Final = 64
 
 
 class Session:
@@ -65,14 +68,15 @@ class Session:
 
     __slots__ = ("ws", "gateway", "conn_id", "client", "outbox", "active", "requests", "draining", "_stopping",
                  "_next_id", "_nursery", "_last_activity", "_last_ping", "_ping_in_flight", "_sending_since",
-                 "_stalled", "opened_at")
+                 "_stalled", "opened_at", "_ended")
 
     def __init__(self, ws: WebSocketConnection, gateway: Gateway, conn_id: int, client: str = "-") -> None:
         self.ws = ws
         self.gateway = gateway
         self.conn_id = conn_id
         self.client = client  # whom rate limits count against: the API key id, or the peer address
-        self.outbox = Outbox(gateway.settings.stream_buffer_bytes, start_writer=self._start_writer)
+        self.outbox = Outbox(gateway.settings.stream_buffer_bytes, start_writer=self._start_writer,
+                             connection_buffer_bytes=gateway.settings.connection_buffer_bytes)
         self.active: dict[RequestId, trio.CancelScope] = {}
         self.requests = 0
         self.draining = False
@@ -86,6 +90,7 @@ class Session:
         self._sending_since: float | None = None  # when the frame being sent started, if one is
         self._stalled = False
         self.opened_at = now
+        self._ended: dict[RequestId, None] | None = None  # recently ended ids, oldest first
 
     def drain(self) -> None:
         """Take no new requests; close with 1001 once the active ones have ended."""
@@ -199,6 +204,15 @@ class Session:
         stats = RequestStats(received_at=trio.current_time())
         nursery.start_soon(self._run_stream, request, request_id, scope, stats)
 
+    def _remember_ended(self, request_id: RequestId) -> None:
+        ended = self._ended
+        if ended is None:
+            ended = self._ended = {}
+        ended.pop(request_id, None)
+        ended[request_id] = None
+        if len(ended) > ENDED_IDS_REMEMBERED:
+            del ended[next(iter(ended))]
+
     def _assign_id(self) -> str:
         while True:
             self._next_id += 1
@@ -219,6 +233,8 @@ class Session:
         found = self.active.get(request_id)
         self.gateway.metrics.cancels.inc()
         if found is None:
+            if self._ended is not None and request_id in self._ended:
+                return  # it ended while the cancel was on its way: its terminal event says how
             await self.outbox.send_control(
                 Error(request_id, ErrorCode.UNKNOWN_ID, f"no active generation has id {request_id!r}", "id")
             )
@@ -245,6 +261,7 @@ class Session:
                     sender.event(Cancelled(request_id))
         finally:
             del self.active[request_id]
+            self._remember_ended(request_id)
             self._touch()
             if not self.active:
                 if self.draining:
