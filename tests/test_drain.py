@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 import trio
-from trio_websocket import ConnectionClosed, HandshakeError, open_websocket_url
+from trio_websocket import ConnectionClosed, HandshakeError, WebSocketRequest, open_websocket_url
 
 from trioai.config import Settings
 from trioai.fake_upstream import FakeUpstream, Script
@@ -126,6 +126,50 @@ async def test_drain_leaves_no_tasks(nursery: trio.Nursery, upstream: FakeUpstre
         await done.wait()
     await settle()
     assert count_tasks() == baseline
+
+
+async def test_drain_ends_when_the_last_session_ends_even_if_one_opened_meanwhile(
+    nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A handshake being accepted when the drain starts becomes a session (told to drain at once);
+    the drain still ends as soon as no session is left, not at the drain timeout."""
+    engine, server, drain, returned = await start(nursery, drain_timeout=30.0)
+    entered, gate, late_closed = trio.Event(), trio.Event(), trio.Event()
+    late_codes: list[int | None] = []
+    accept = WebSocketRequest.accept
+
+    async def gated_accept(self: WebSocketRequest, **kwargs: Any) -> Any:
+        entered.set()
+        await gate.wait()
+        return await accept(self, **kwargs)
+
+    async def late_client() -> None:
+        async with open_websocket_url(server.url) as late:
+            with pytest.raises(ConnectionClosed) as closed:
+                await recv(late)
+            late_codes.append(closed.value.reason.code if closed.value.reason else None)
+        late_closed.set()
+
+    async with open_websocket_url(server.url) as ws:
+        await send(ws, chat("x", max_tokens=100, id="a"))  # ~2 s of tokens: the session outlives the rest
+        assert (await recv(ws))["type"] == "start"
+        monkeypatch.setattr(WebSocketRequest, "accept", gated_accept)
+        nursery.start_soon(late_client)
+        with trio.fail_after(5):
+            await entered.wait()  # the late handshake passed every check and is being accepted
+        drain.set()
+        await draining(server)
+        gate.set()
+        with trio.fail_after(5):
+            await late_closed.wait()
+        assert late_codes == [1001]
+        assert engine.active == 1  # "a" still generating: its session outlived the late one
+        events = await collect_until_terminal(ws, {"a"})
+        assert events["a"][-1]["type"] == "done"
+        with pytest.raises(ConnectionClosed):
+            await recv(ws)
+    with trio.fail_after(5):  # well before the 30 s drain timeout
+        await returned.wait()
 
 
 @pytest.mark.parametrize("drain_timeout", [0.0, 30.0])

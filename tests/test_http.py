@@ -128,3 +128,46 @@ async def test_http_port_rejects_what_it_does_not_serve(start_gateway: StartGate
             while await stream.receive_some(4096):
                 pass
     assert (await get(server, "/healthz")).status_code == 200
+
+
+class CountingUpstream(FakeUpstream):
+    """A fake engine that counts ``GET /v1/models`` and answers it only after ``models_delay``."""
+
+    def __init__(self, models_delay: float) -> None:
+        super().__init__()
+        self.models_delay = models_delay
+        self.models_requests = 0
+
+    async def _respond(self, stream: trio.SocketStream, conn: Any, request: Any, body: bytes) -> None:
+        if request.target.startswith(b"/v1/models"):
+            self.models_requests += 1
+            await trio.sleep(self.models_delay)
+        await super()._respond(stream, conn, request, body)
+
+
+async def test_readiness_probes_share_one_engine_check_and_leave_chat_alone(nursery: trio.Nursery) -> None:
+    engine = CountingUpstream(models_delay=1.0)  # a slow but healthy engine (the check allows 2 s)
+    await nursery.start(engine.serve)
+    settings = Settings(host="127.0.0.1", port=0, http_port=0, upstream=engine.base_url, model="fake-model",
+                        max_concurrency=2)
+    server: RunningServer = await nursery.start(serve, settings)
+    statuses: list[int] = []
+
+    async def probe() -> None:
+        statuses.append((await get(server, "/readyz")).status_code)
+
+    async with open_websocket_url(server.url) as ws, trio.open_nursery() as storm:
+        for _ in range(40):
+            storm.start_soon(probe)
+        with trio.fail_after(5):
+            while not engine.models_requests:
+                await trio.sleep(0.005)
+        sent = trio.current_time()
+        await send(ws, chat("during the storm", max_tokens=3, id="chat"))
+        with trio.fail_after(5):
+            events = await collect_until_terminal(ws, {"chat"})
+        took = trio.current_time() - sent
+        assert events["chat"][-1]["type"] == "done"
+        assert took < 0.5, f"the chat request waited {took:.2f} s behind readiness probes"
+    assert statuses == [200] * 40
+    assert engine.models_requests == 1

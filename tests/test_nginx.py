@@ -1,4 +1,5 @@
-"""Through a real Nginx configured with deploy/nginx/trioai.conf: stream, cancel, multiplex, idle.
+"""Through a real Nginx configured with deploy/nginx/trioai.conf: stream, cancel, multiplex, idle,
+and per-client rate limits from the forwarded client address (``--trusted-proxies``).
 
 The shipped file is used as is, except what a loopback test must change: plain HTTP on a free port
 instead of TLS on 443, trioai's test port, and a 1-second ``proxy_read_timeout`` so that an idle
@@ -11,6 +12,8 @@ import re
 import shutil
 import socket
 import subprocess
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -18,7 +21,7 @@ from typing import Any
 
 import pytest
 import trio
-from trio_websocket import ConnectionClosed, open_websocket_url
+from trio_websocket import ConnectionClosed, WebSocketConnection, open_websocket_url, wrap_client_stream
 
 from trioai.fake_upstream import FakeUpstream, Script
 from trioai.server import RunningServer
@@ -51,6 +54,7 @@ def site_config(trioai_port: int, listen_port: int) -> str:
 @dataclass
 class Nginx:
     url: str
+    port: int
 
 
 @pytest.fixture
@@ -93,7 +97,7 @@ http {{
                 await trio.sleep(0.02)
                 continue
             await stream.aclose()
-            return Nginx(f"ws://127.0.0.1:{listen}/ws/chat")
+            return Nginx(f"ws://127.0.0.1:{listen}/ws/chat", listen)
 
 
 @pytest.fixture
@@ -172,3 +176,41 @@ async def test_without_pings_nginx_drops_the_idle_connection(
         await trio.sleep(READ_TIMEOUT * 2.5)
         with pytest.raises(ConnectionClosed):
             await recv(ws, timeout=5)  # Nginx closed the connection: the client sees it end
+
+
+@asynccontextmanager
+async def connect_from(
+    source: str, nginx: Nginx, headers: list[tuple[bytes, bytes]] | None = None
+) -> AsyncIterator[WebSocketConnection]:
+    """A client WebSocket to Nginx whose TCP connection comes from ``source`` (127.x.y.z on Linux)."""
+    stream = await trio.open_tcp_stream("127.0.0.1", nginx.port, local_address=source)
+    async with trio.open_nursery() as nursery:
+        ws = await wrap_client_stream(nursery, stream, "127.0.0.1", "/ws/chat", extra_headers=headers or [])
+        try:
+            yield ws
+        finally:
+            await ws.aclose()
+
+
+async def request_outcome(ws: WebSocketConnection, rid: str) -> str:
+    """Send one short request; its terminal event's type, or the error code."""
+    await send(ws, chat("hi", max_tokens=2, id=rid))
+    terminal = (await collect_until_terminal(ws, {rid}))[rid][-1]
+    return str(terminal.get("code", terminal["type"]))
+
+
+async def test_rate_limits_count_per_client_behind_nginx(
+    nursery: trio.Nursery, start_gateway: StartGateway, nginx_binary: str, tmp_path: Path
+) -> None:
+    """With trusted proxies set, each client behind Nginx has its own limit (not one for all)."""
+    server = await start_gateway(rate_limit_requests=1, trusted_proxies="127.0.0.1,::1")
+    nginx = await start_nginx(nursery, nginx_binary, tmp_path, server.port)
+    for client in ("127.0.0.2", "127.0.0.3"):
+        async with connect_from(client, nginx) as ws:
+            assert client in {s.client for s in server.server.sessions}
+            assert await request_outcome(ws, "first") == "done"
+            assert await request_outcome(ws, "second") == "rate_limited"  # the limit itself holds
+    # A client's own X-Forwarded-For is kept by Nginx but lies left of the address Nginx saw.
+    async with connect_from("127.0.0.2", nginx, [(b"X-Forwarded-For", b"198.51.100.9")]) as ws:
+        assert "127.0.0.2" in {s.client for s in server.server.sessions}
+        assert await request_outcome(ws, "forged") == "rate_limited"

@@ -11,7 +11,11 @@ import pytest
 import trio
 import trio.testing
 
+from trioai.clientaddr import client_address
+from trioai.config import load_settings
 from trioai.systemd import Notifier, inherited_sockets, listeners_from
+
+SYSTEMD = Path(__file__).resolve().parent.parent / "systemd"
 
 
 @pytest.fixture
@@ -120,3 +124,19 @@ async def test_listeners_from_a_listening_socket_accept_connections() -> None:
         async with client, server_side:
             await client.send_all(b"ping")
             assert await server_side.receive_some(4) == b"ping"
+
+
+def test_shipped_env_trusts_the_local_nginx() -> None:
+    """systemd/trioai.env loads, and names the client Nginx on this host forwards (the socket unit
+    listens on loopback, so Nginx connects from 127.0.0.1 or ::1); no other peer is trusted."""
+    env: dict[str, str] = {}
+    for line in (SYSTEMD / "trioai.env").read_text().splitlines():
+        if line.strip() and not line.lstrip().startswith("#"):
+            name, _, value = line.partition("=")
+            env[name.strip()] = value.strip()
+    trusted = load_settings(env=env).trusted_networks()
+    forwarded = [(b"X-Forwarded-For", b"198.51.100.7"), (b"X-Real-IP", b"198.51.100.7")]
+    assert client_address("127.0.0.1", forwarded, trusted) == "198.51.100.7"
+    assert client_address("::1", forwarded, trusted) == "198.51.100.7"
+    assert client_address("192.0.2.1", forwarded, trusted) == "192.0.2.1"
+    assert "ListenStream=127.0.0.1:" in (SYSTEMD / "trioai.socket").read_text()

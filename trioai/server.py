@@ -16,7 +16,16 @@ Task tree::
 Graceful drain (when the ``drain`` event is set): the accepting nursery is cancelled, which closes
 the listeners; every session is told to drain (no new requests, close 1001 when idle); after
 ``drain_timeout`` the remaining generations end with ``error`` ``shutting_down``; ``serve``
-returns once every connection is closed.
+returns once every connection is closed. The drain waits on a condition (no session, no handshake
+being accepted) re-checked whenever one ends, so a handshake accepted during the drain, itself told
+to drain at once, cannot make it wait the full timeout.
+
+The handshake: ``--max-connections`` counts open sessions plus handshakes being accepted (the slot
+is taken before ``request.accept`` awaits and handed to the session or freed), so a burst never
+exceeds it. The client a session's rate limits count against is its API key id, or its address:
+the TCP peer's, or, when the peer is in ``--trusted-proxies``, the one the proxy's
+``X-Forwarded-For`` / ``X-Real-IP`` names (``clientaddr.py``). ``/readyz`` asks the engine through
+one :class:`SharedCall`: one check in flight, its answer shared by every probe for a second.
 
 Each connection has exactly one nursery. trio-websocket's ``WebSocketServer`` would open one of its
 own around the session's (~1.3 KB more per idle connection), so the server drives the handshake
@@ -39,17 +48,20 @@ from importlib import resources
 from typing import Final
 
 import trio
-from trio_websocket import ConnectionClosed, WebSocketRequest, wrap_server_stream
+from trio_websocket import ConnectionClosed, WebSocketRequest
 
 from .auth import KeyFileError, KeySet, Rejection, check_handshake
+from .clientaddr import client_address
 from .config import Settings
 from .gateway import EngineWatch, Gateway
 from .http import Response, Route, serve_http
 from .metrics import CONTENT_TYPE
 from .session import Session
+from .singleflight import SharedCall
 from .sockets import ClientStream
 from .transport import H11Transport
 from .upstream import Upstream
+from .wsframing import wrap_server_stream  # trio-websocket's, plus a close frame for framing violations
 
 log = logging.getLogger("trioai.server")
 
@@ -98,12 +110,16 @@ class Server:
         settings = gateway.settings
         self.keys = KeySet.load(settings.api_keys_file) if settings.api_keys_file else None
         self.origins = settings.origins()
+        self.trusted_proxies = settings.trusted_networks()
         self.sessions: set[Session] = set()
         self.draining = False
         self._conn_ids = itertools.count(1)
-        self._no_sessions = trio.Event()
-        self._no_sessions.set()
-        self._upstream_ok: tuple[float, bool] | None = None
+        # Handshakes past the connection cap's check, being accepted: each holds a slot (see _accept).
+        self._accepting = 0
+        # Woken whenever a session ends or an accepted handshake settles: the drain re-checks then.
+        self._changed = trio.lowlevel.ParkingLot()
+        # /readyz asks the engine once at a time, whatever the number of probes, and keeps the answer.
+        self._ready_check = SharedCall(self._upstream_ok_now, ttl=READY_CHECK_TTL, error_ttl=READY_CHECK_TTL)
         gateway.metrics.watch(
             connections_open=lambda: len(self.sessions),
             streams_running=lambda: gateway.admission.running,
@@ -144,7 +160,7 @@ class Server:
     async def _readyz(self) -> Response:
         if self.draining:
             return Response(503, b"draining\n")
-        if not await self._upstream_answers():
+        if not await self._ready_check.get():  # one engine check in flight, shared by every probe
             return Response(503, b"upstream not answering\n")
         return Response(200, b"ready\n")
 
@@ -155,13 +171,6 @@ class Server:
         with trio.move_on_after(READY_CHECK_TIMEOUT):
             return await self.gateway.upstream.health()
         return False
-
-    async def _upstream_answers(self) -> bool:
-        """Whether the engine answered recently (asked at most once per READY_CHECK_TTL)."""
-        now = trio.current_time()
-        if self._upstream_ok is None or now - self._upstream_ok[0] > READY_CHECK_TTL:
-            self._upstream_ok = (now, await self._upstream_ok_now())
-        return self._upstream_ok[1]
 
     async def sweep(self) -> None:
         """Run every connection's timers from this one task (see :meth:`Session.tick`), and close
@@ -182,13 +191,23 @@ class Server:
         for session in list(self.sessions):
             session.drain()
         with trio.move_on_after(grace):
-            await self._no_sessions.wait()
+            await self._wait_no_sessions()
         if self.sessions:
             log.info("drain timeout: ending %d connection(s) with shutting_down", len(self.sessions))
             for session in list(self.sessions):
                 session.stop()
         with trio.move_on_after(self.gateway.settings.close_timeout + 1.0):
-            await self._no_sessions.wait()
+            await self._wait_no_sessions()
+
+    async def _wait_no_sessions(self) -> None:
+        """Return once no session is open and no handshake is being accepted (it would become one).
+
+        The condition is re-checked after every change: a handshake accepted meanwhile adds a
+        session that must end too, and no event captured earlier can miss that.
+        """
+        while self.sessions or self._accepting:
+            await self._changed.park()
+        await trio.lowlevel.checkpoint()
 
     async def serve_stream(self, stream: trio.abc.Stream) -> None:
         """serve_listeners' handler for one connection: handshake, session, close.
@@ -231,7 +250,7 @@ class Server:
         if path != CHAT_PATH:
             await reject(request, 404, f"not found; the chat endpoint is {CHAT_PATH}")
             return None
-        if len(self.sessions) >= self.gateway.settings.max_connections:
+        if len(self.sessions) + self._accepting >= self.gateway.settings.max_connections:
             self.gateway.metrics.handshakes_rejected.labels("503").inc()
             await reject(request, 503, "too many connections; retry later")
             return None
@@ -246,26 +265,31 @@ class Server:
             self.gateway.metrics.handshakes_rejected.labels(str(decision.status)).inc()
             await reject(request, decision.status, decision.reason)
             return None
+        # Hold the slot across the await, or a burst of handshakes all pass the check above.
+        self._accepting += 1
         try:
             ws = await request.accept(subprotocol=decision.subprotocol)
         except ConnectionClosed:
             return None
+        finally:
+            self._accepting -= 1  # the slot passes to the session added below (no await between), or is free
+            self._changed.unpark_all()
         self.gateway.metrics.connections.inc()
         conn_id = next(self._conn_ids)
-        client = decision.key_id or (peer[0] if peer else "-")
-        session = Session(ws, self.gateway, conn_id, client)
+        address = client_address(peer[0] if peer else None, request.headers, self.trusted_proxies)
+        session = Session(ws, self.gateway, conn_id, decision.key_id or address or "-")
         self.sessions.add(session)
-        self._no_sessions = trio.Event()
         if self.draining:
             session.drain()
-        log.info("connection conn=%d open peer=%s key=%s", conn_id, f"{peer[0]}:{peer[1]}" if peer else "-",
-                 decision.key_id or "-")
+        where = f"{peer[0]}:{peer[1]}" if peer else "-"
+        if peer is not None and address != peer[0]:
+            where = f"{address} via={where}"  # named by a trusted proxy
+        log.info("connection conn=%d open peer=%s key=%s", conn_id, where, decision.key_id or "-")
         return session
 
     def _session_ended(self, session: Session) -> None:
         self.sessions.discard(session)
-        if not self.sessions:
-            self._no_sessions.set()
+        self._changed.unpark_all()
         reason = session.ws.closed
         log.info(
             "connection conn=%d closed code=%s requests=%d duration_s=%.1f",
