@@ -9,7 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from trioai.errors import ErrorCode, UpstreamError
-from trioai.sse import DONE, Chunk, SSEDecoder, parse_chunk, stream_error
+from trioai.protocol import Done, Usage, encode, encode_token
+from trioai.sse import DONE, Chunk, SSEDecoder, encodable, parse_chunk, stream_error
 
 VLLM_STREAM = (
     b'data: {"id":"c1","object":"chat.completion.chunk","choices":[{"index":0,"delta":{"role":"assistant",'
@@ -172,3 +173,68 @@ def test_stream_error_without_a_message_and_with_a_huge_one() -> None:
 def test_an_over_long_line_arriving_whole_is_refused_too() -> None:
     with pytest.raises(UpstreamError, match="longer than 64 bytes"):
         SSEDecoder(max_line_bytes=64).feed(b"data: " + b"x" * 100 + b"\n\n")
+
+
+def feed_lines(decoder: SSEDecoder, line: bytes, count: int) -> None:
+    """Feed ``line`` ``count`` times, one read each."""
+    for _ in range(count):
+        assert decoder.feed(line) == []
+
+
+def test_data_lines_without_the_blank_line_that_ends_an_event_are_bounded() -> None:
+    """Short ``data:`` lines and never a blank line: the event's size is capped, not our memory."""
+    with pytest.raises(UpstreamError) as caught:
+        feed_lines(SSEDecoder(max_line_bytes=1024, max_event_bytes=4096), b"data: x\n", 10_000)
+    assert caught.value.code is ErrorCode.UPSTREAM_ERROR
+    assert "larger than 4096 bytes" in caught.value.message
+    # All in one read as well; and the cap is per event, so many small events stay fine.
+    with pytest.raises(UpstreamError, match="larger than 4096 bytes"):
+        SSEDecoder(max_event_bytes=4096).feed(b"data: x\n" * 10_000)
+    assert len(SSEDecoder(max_event_bytes=4096).feed(b"data: x\ndata: y\n\n" * 10_000)) == 10_000
+
+
+def test_the_event_cap_defaults_to_one_mebibyte() -> None:
+    decoder = SSEDecoder()
+    assert decoder.feed(b"data: " + b"x" * 1000 + b"\n\n") == ["x" * 1000]
+    with pytest.raises(UpstreamError, match="larger than 1048576 bytes"):
+        feed_lines(decoder, b"data: " + b"x" * 1000 + b"\n", 2000)
+
+
+@pytest.mark.parametrize(
+    ("escaped", "expected"),
+    [
+        ("\\ud83d", "\ufffd"),  # a high surrogate alone
+        ("a\\uDE00b", "a\ufffdb"),  # a low one, upper-case hex
+        ("\\ude00\\ud83d", "\ufffd\ufffd"),  # a pair in the wrong order is two lone ones
+        ("\\ud83d\\ude00 ok", "😀 ok"),  # a proper pair is kept
+        ("\\\\ud83d", "\\ud83d"),  # an escaped backslash, then text: no surrogate at all
+    ],
+)
+def test_lone_surrogates_from_the_engine_become_replacement_characters(escaped: str, expected: str) -> None:
+    """JSON can carry a lone surrogate; UTF-8 (a WebSocket text frame) cannot."""
+    chunk = parse_chunk('{"choices":[{"delta":{"content":"' + escaped + '"},"finish_reason":"' + escaped + '"}]}')
+    assert chunk == Chunk(content=expected, finish_reason=expected)
+    encode_token('"r"', chunk.content).encode()
+    encode(Done("r", chunk.finish_reason, Usage(1, 1), None, None)).encode()
+
+
+def test_lone_surrogates_in_an_in_stream_error_are_replaced() -> None:
+    with pytest.raises(UpstreamError) as caught:
+        parse_chunk('{"error":{"message":"bad \\ud800 input","code":400}}')
+    assert caught.value.message == "bad \ufffd input"
+    assert stream_error({"error": {"message": "x\udfff"}}).message == "x\ufffd"
+    assert stream_error({"error": "y\ud800"}).message == "y\ufffd"
+
+
+def test_encodable_leaves_valid_text_alone() -> None:
+    text = "plain ASCII, ü, 漢字, 🦜"
+    assert encodable(text) == text
+    assert encodable("\ud800\udc00") == "\ufffd\ufffd"  # two lone surrogates in a str are not a pair
+
+
+@pytest.mark.parametrize("count", [10**307, 10**400, 2**53 + 1, -1], ids=["1e307", "1e400", "2**53+1", "-1"])
+def test_absurd_token_counts_are_ignored(count: int) -> None:
+    """A count no engine can mean: left out (the gateway counts deltas), never an overflow or an inf."""
+    assert parse_chunk(f'{{"choices":[],"usage":{{"prompt_tokens":{count},"completion_tokens":2}}}}') == Chunk(
+        prompt_tokens=None, completion_tokens=2)
+    assert not parse_chunk(f'{{"choices":[],"usage":{{"prompt_tokens":1,"completion_tokens":{count}}}}}').has_usage

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 from collections.abc import Awaitable, Callable
@@ -13,6 +14,7 @@ import trio
 from trioai.fake_upstream import FakeUpstream, Script
 from trioai.sse import DONE, SSEDecoder, parse_chunk
 from trioai.transport import H11Transport
+from trioai.upstream import Upstream
 
 Handler = Callable[[trio.SocketStream], Awaitable[None]]
 
@@ -72,7 +74,7 @@ async def test_get_and_a_streamed_post_reuse_one_connection(upstream: FakeUpstre
             assert chunks[-1] is DONE
             assert "".join(c.content or "" for c in chunks if c is not DONE) == "a b a b "
             assert body.rstrip().endswith(b"data: [DONE]")
-    assert upstream.connections == 1  # keep-alive: every request went over the first connection
+    assert upstream.tcp_connections == 1  # keep-alive: every request went over the first connection
 
 
 async def test_closing_a_response_early_closes_its_connection(upstream: FakeUpstream) -> None:
@@ -87,7 +89,7 @@ async def test_closing_a_response_early_closes_its_connection(upstream: FakeUpst
             await record.closed.wait()
         assert record.disconnected_at is not None and not record.completed
         assert (await http.get("/models")).status_code == 200
-    assert upstream.connections == 2  # the cut connection was not reused
+    assert upstream.tcp_connections == 2  # the cut connection was not reused
 
 
 async def test_an_idle_connection_the_engine_closed_is_not_reused(nursery: trio.Nursery) -> None:
@@ -228,3 +230,27 @@ async def test_the_fake_engine_keeps_a_request_sent_while_it_streams(upstream: F
         with trio.fail_after(5):
             await upstream.requests[1].closed.wait()
     assert all(r.completed for r in upstream.requests)
+
+
+async def test_model_listing_and_health_checks_take_no_chat_connection(upstream: FakeUpstream) -> None:
+    async with Upstream(upstream.base_url) as engine:
+        assert await engine.list_models() == ["fake-model"]
+        assert await engine.health()
+        assert isinstance(engine.transport, H11Transport)
+        assert engine.transport.connections_open == 0
+        assert upstream.tcp_connections == 2  # a connection of the probes' own each time, closed after it
+
+
+async def test_health_answers_while_every_chat_connection_is_busy(upstream: FakeUpstream) -> None:
+    upstream.script = lambda body: Script(tokens=("x ",), stall_after=0)  # headers sent, then nothing
+    payload = {"model": "m", "messages": [{"role": "user", "content": "x"}]}
+    async with Upstream(upstream.base_url, max_connections=2, connect_timeout=5.0) as engine:
+        assert isinstance(engine.transport, H11Transport)
+        async with contextlib.AsyncExitStack() as streams:
+            for _ in range(2):
+                await streams.enter_async_context(engine.stream_chat(payload))
+            assert engine.transport.connections_open == 2  # the chat pool is exhausted
+            with trio.fail_after(1):  # not the 5 s pool timeout
+                assert await engine.health()
+                assert await engine.list_models() == ["fake-model"]
+            assert (engine.transport.connections_open, engine.transport.connections_idle) == (2, 0)

@@ -26,11 +26,17 @@ import trio
 
 MAX_BODY: Final = 16 * 1024 * 1024
 RECEIVE_SIZE: Final = 65536
+CHAT_PATH: Final = b"/v1/chat/completions"
 
 
 @dataclass(frozen=True)
 class Script:
-    """What the fake engine does for one chat-completion request."""
+    """What the fake engine does for one chat-completion request.
+
+    ``raw_lines`` go out before the first chunk; ``raw_body``, when set, is the whole streamed body
+    instead (sent part by part, nothing added, not even ``[DONE]``). ``response_headers`` are added
+    to the answer, error answers included.
+    """
 
     tokens: tuple[str, ...] = ()
     first_delay: float = 0.0
@@ -47,6 +53,7 @@ class Script:
     usage: bool = True
     send_done: bool = True
     raw_lines: tuple[bytes, ...] = ()
+    raw_body: tuple[bytes, ...] | None = None
     batch: int = 1
     response_headers: tuple[tuple[str, str], ...] = ()
 
@@ -91,7 +98,10 @@ class FakeUpstream:
         self.model = model
         self.port = 0
         self.requests: list[RecordedRequest] = []
-        self.connections = 0  # TCP connections accepted so far (keep-alive reuse shows here)
+        self.tcp_connections = 0  # TCP connections accepted so far
+        # Those of them that carried a chat completion: keep-alive reuse shows here, not blurred by
+        # the gateway's model-listing and health checks, which have a pool of their own.
+        self.connections = 0
         self.active = 0
         self._idle = trio.Event()
         self._idle.set()
@@ -120,12 +130,16 @@ class FakeUpstream:
 
     async def _handle_connection(self, stream: trio.SocketStream) -> None:
         conn = h11.Connection(h11.SERVER)
-        self.connections += 1
+        self.tcp_connections += 1
+        chat = False
         try:
             while True:
                 request, body = await self._read_request(stream, conn)
                 if request is None:
                     return
+                if not chat and request.method == b"POST" and request.target.startswith(CHAT_PATH):
+                    chat = True
+                    self.connections += 1
                 await self._respond(stream, conn, request, body)
                 if conn.our_state is h11.MUST_CLOSE or conn.their_state is h11.MUST_CLOSE:
                     return
@@ -166,9 +180,10 @@ class FakeUpstream:
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             raise _ClientGone from None
 
-    async def _send_json(self, stream: trio.SocketStream, conn: h11.Connection, status: int, obj: Any) -> None:
+    async def _send_json(self, stream: trio.SocketStream, conn: h11.Connection, status: int, obj: Any,
+                         extra_headers: tuple[tuple[str, str], ...] = ()) -> None:
         payload = json.dumps(obj).encode()
-        headers = [("content-type", "application/json"), ("content-length", str(len(payload)))]
+        headers = [("content-type", "application/json"), ("content-length", str(len(payload))), *extra_headers]
         await self._send(
             stream, conn, h11.Response(status_code=status, headers=headers), h11.Data(data=payload), h11.EndOfMessage()
         )
@@ -246,7 +261,8 @@ class FakeUpstream:
             await trio.sleep(script.headers_delay)
         if script.status != 200:
             await self._send_json(stream, conn, script.status,
-                                  _error_body(script.status, script.error_message, script.error_param))
+                                  _error_body(script.status, script.error_message, script.error_param),
+                                  script.response_headers)
             record.completed = True
             return
         if not body.get("stream"):
@@ -260,6 +276,13 @@ class FakeUpstream:
             f'"model":{json.dumps(self.model)},"choices":'
         ).encode()
         headers = [("content-type", "text/event-stream"), ("cache-control", "no-cache"), *script.response_headers]
+        if script.raw_body is not None:
+            await self._send(stream, conn, h11.Response(status_code=200, headers=headers))
+            for part in script.raw_body:
+                await self._send(stream, conn, h11.Data(data=part))
+            await self._send(stream, conn, h11.EndOfMessage())
+            record.completed = True
+            return
         first = prefix + b'[{"index":0,"delta":{"role":"assistant","content":""},"finish_reason":null}]}\n\n'
         await self._send(stream, conn, h11.Response(status_code=200, headers=headers),
                          h11.Data(data=b"".join(script.raw_lines) + first))

@@ -7,28 +7,52 @@ at a blank line), and :func:`parse_chunk` turns one event's data into a :class:`
 ``chat.completion.chunk`` (content delta, finish reason, usage), :data:`DONE` for ``[DONE]``, or
 raises :class:`~trioai.errors.UpstreamError` for an in-stream error object or a malformed chunk.
 
-Unlike httpx-sse, the decoder bounds its buffer: an engine that sends a line longer than
-``max_line_bytes`` gets an error instead of growing our memory without limit.
+Unlike httpx-sse, the decoder bounds its memory: an engine that sends a line longer than
+``max_line_bytes``, or ``data:`` lines adding up to more than ``max_event_bytes`` without the blank
+line that ends an event, gets an error instead of growing our memory without limit.
+
+Every string taken from the engine is made encodable (:func:`encodable`): JSON can carry a lone
+UTF-16 surrogate (``"\\ud83d"``), which UTF-8, and so a WebSocket text frame, cannot; it becomes
+U+FFFD, as invalid UTF-8 bytes do.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, TypeGuard
 
 from .errors import ErrorCode, UpstreamError
 
 DEFAULT_MAX_LINE_BYTES: Final = 1 << 20
+DEFAULT_MAX_EVENT_BYTES: Final = 1 << 20
+# A token count beyond this (JavaScript's last exact integer) is no engine's: ignored, as it could
+# make the decode rate overflow or infinite, which JSON cannot carry.
+MAX_TOKEN_COUNT: Final = 2**53
+# What json.loads leaves of a surrogate escape that is not half of a pair (pairs become one character).
+_SURROGATE: Final = re.compile("[\ud800-\udfff]")
+
+
+def encodable(text: str) -> str:
+    """``text`` with every lone surrogate replaced by U+FFFD, so that it can be encoded as UTF-8."""
+    return _SURROGATE.sub("\ufffd", text)
 
 
 class SSEDecoder:
-    """Incremental ``text/event-stream`` decoder: feed bytes, get each event's data."""
+    """Incremental ``text/event-stream`` decoder: feed bytes, get each event's data.
 
-    def __init__(self, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES) -> None:
+    An unfinished event's size is counted per :meth:`feed` (this is the per-token path), as all the
+    bytes of each feed it spans: an over-estimate by at most what one feed also carried before it.
+    """
+
+    def __init__(self, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
+                 max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES) -> None:
         self.max_line_bytes = max_line_bytes
+        self.max_event_bytes = max_event_bytes
         self._buffer = b""
         self._data: list[str] = []
+        self._size = 0
 
     def feed(self, chunk: bytes) -> list[str]:
         """Decode more bytes; return the data of every event they complete, in order."""
@@ -59,14 +83,26 @@ class SSEDecoder:
                 continue
             elif len(line) > self.max_line_bytes:
                 # Complete in one read, so the buffer check never saw it whole.
-                self._data.clear()
+                self._reset()
                 raise _line_too_long(self.max_line_bytes)
             else:
                 name, _, value = line.partition(":")
                 if name == "data":
                     data.append(value[1:] if value[:1] == " " else value)
                 # "event", "id" and "retry" carry nothing an OpenAI stream uses.
+        if data:  # an event goes on into the next feed
+            self._size = end + 1 + (0 if events else self._size)
+            if self._size > self.max_event_bytes:
+                self._reset()
+                raise UpstreamError(ErrorCode.UPSTREAM_ERROR,
+                                    f"engine sent a stream event larger than {self.max_event_bytes} bytes")
+        elif self._size:
+            self._size = 0
         return events
+
+    def _reset(self) -> None:
+        self._data.clear()
+        self._size = 0
 
     def _check_length(self) -> None:
         if len(self._buffer) > self.max_line_bytes:
@@ -109,6 +145,9 @@ def parse_chunk(data: str) -> Chunk:
         raise UpstreamError(ErrorCode.UPSTREAM_ERROR, "engine sent a stream chunk that is not an object")
     if "error" in obj or obj.get("object") == "error":
         raise stream_error(obj)
+    # Only a \uD800-\uDFFF escape can put a surrogate in a str (bytes are decoded with "replace"),
+    # so the common chunk pays one substring search, not a scan of every string.
+    check = "\\u" in data and ("\\ud" in data or "\\uD" in data)
     content = ""
     finish_reason = None
     choices = obj.get("choices")
@@ -120,19 +159,23 @@ def parse_chunk(data: str) -> Chunk:
         if isinstance(delta, dict):
             text = delta.get("content")
             if isinstance(text, str):
-                content = text
+                content = encodable(text) if check else text
         reason = choice.get("finish_reason")
         if isinstance(reason, str):
-            finish_reason = reason
+            finish_reason = encodable(reason) if check else reason
     prompt_tokens = completion_tokens = None
     usage = obj.get("usage")
     if isinstance(usage, dict):
         completion = usage.get("completion_tokens")
-        if isinstance(completion, int) and not isinstance(completion, bool):
+        if _is_count(completion):
             completion_tokens = completion
             prompt = usage.get("prompt_tokens")
-            prompt_tokens = prompt if isinstance(prompt, int) and not isinstance(prompt, bool) else None
+            prompt_tokens = prompt if _is_count(prompt) else None
     return Chunk(content, finish_reason, prompt_tokens, completion_tokens)
+
+
+def _is_count(value: object) -> TypeGuard[int]:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_TOKEN_COUNT
 
 
 def stream_error(obj: dict[str, Any]) -> UpstreamError:
@@ -150,4 +193,5 @@ def stream_error(obj: dict[str, Any]) -> UpstreamError:
 
 
 def _clip(text: str, limit: int = 1000) -> str:
+    text = encodable(text)
     return text if len(text) <= limit else text[: limit - 1] + "…"

@@ -1,5 +1,9 @@
 """The engine side: httpx requests to an OpenAI-compatible API over one shared transport.
 
+Model listing and health checks have a small pool of their own (:data:`PROBE_MAX_CONNECTIONS`), so
+however many readiness probes arrive, they never take a connection a chat request needs; each probe
+closes its connection after the answer, so none sits idle between probes (nothing sweeps that pool).
+
 Resource handling: :meth:`Upstream.stream_chat` is an async context manager; leaving it (normally,
 by an exception, or by cancellation) closes the HTTP response, and closing an unfinished streaming
 response closes its connection, which is how vLLM learns to abort the request and free the GPU.
@@ -10,7 +14,9 @@ Error handling: every httpx exception and every non-200 answer becomes an
 Requests run on :class:`~trioai.transport.H11Transport`, a lean HTTP/1.1 transport (why: see there).
 Only ``Exception`` is caught, so ``trio.Cancelled`` always passes. Engine messages are forwarded
 for 4xx answers (they describe the client's request, e.g. a too-long context); 5xx bodies are only
-logged, since they may hold internals, and our API key is never part of any message.
+logged, since they may hold internals, and our API key is never part of any message. Every engine
+string that can reach a client (messages, ``param``, model ids) is made encodable as UTF-8 first
+(:func:`~trioai.sse.encodable`), and a ``Retry-After`` is used only when it is a sane number.
 
 Timeouts are the server's: ``connect_timeout`` for the TCP connect, ``first_token_timeout`` from
 sending the request to the first data event, ``token_timeout`` between data events after that.
@@ -23,6 +29,7 @@ import collections
 import json
 import logging
 import math
+import re
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from typing import Any, Final
@@ -33,7 +40,7 @@ import trio
 from . import __version__
 from .errors import ErrorCode, UpstreamError
 from .protocol import dumps
-from .sse import DONE, Chunk, SSEDecoder, parse_chunk
+from .sse import DONE, Chunk, SSEDecoder, encodable, parse_chunk
 from .transport import H11Transport
 
 log = logging.getLogger("trioai.upstream")
@@ -52,6 +59,11 @@ ERROR_BODY_LIMIT: Final = 64 * 1024
 FINISH_TIMEOUT: Final = 0.5
 FINISH_LIMIT: Final = 64 * 1024
 MODELS_TIMEOUT: Final = 10.0
+PROBE_MAX_CONNECTIONS: Final = 2
+# Beyond this a Retry-After is taken to mean "much later", not the engine's exact wish.
+MAX_RETRY_AFTER: Final = 3600.0
+# RFC 9110 delay-seconds (digits), with a fraction tolerated; not inf, nan, 1e9, -5 or an HTTP date.
+_DELAY_SECONDS: Final = re.compile(r"[0-9]+(?:\.[0-9]+)?", re.ASCII)
 
 
 def upstream_error(exc: httpx.HTTPError, phase: str) -> UpstreamError:
@@ -188,6 +200,7 @@ class Upstream:
         max_connections: int = 64,
         max_line_bytes: int = 1 << 20,
         transport: httpx.AsyncBaseTransport | None = None,
+        probe_transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self.first_token_timeout = first_token_timeout
@@ -200,12 +213,13 @@ class Upstream:
         self.transport = transport or H11Transport(max_connections=max_connections)
         # Read timeouts are ours (first/next token); httpx's would count keep-alive comments.
         timeout = httpx.Timeout(connect=connect_timeout, read=None, write=connect_timeout, pool=connect_timeout)
-        self._client = httpx.AsyncClient(
-            base_url=self.base_url + "/", headers=headers, timeout=timeout, transport=self.transport, trust_env=False
+        self._probes = httpx.AsyncClient(
+            base_url=self.base_url + "/", headers=headers, timeout=timeout, trust_env=False,
+            transport=probe_transport or H11Transport(max_connections=PROBE_MAX_CONNECTIONS),
         )
         # What a chat request repeats, built once (see stream_chat).
         self._chat_url = httpx.URL(self.base_url + "/chat/completions")
-        self._chat_headers = self._client.headers.copy()
+        self._chat_headers = self._probes.headers.copy()
         self._chat_headers["content-type"] = "application/json"
         self._chat_extensions = {"timeout": timeout.as_dict()}
 
@@ -216,20 +230,23 @@ class Upstream:
         await self.aclose()
 
     async def aclose(self) -> None:
-        """Close every pooled connection."""
-        await self._client.aclose()
+        """Close every pooled connection, chat and probe pools both."""
+        try:
+            await self.transport.aclose()
+        finally:
+            await self._probes.aclose()
 
     async def list_models(self) -> list[str]:
-        """The model ids ``GET /models`` lists, in order."""
+        """The model ids ``GET /models`` lists, in order (on the probe pool, not the chat pool)."""
         with trio.move_on_after(MODELS_TIMEOUT) as scope, map_httpx_errors("listing models"):
-            response = await self._client.get("models")
+            response = await self._probes.get("models", headers={"connection": "close"})
         if scope.cancelled_caught:
             raise UpstreamError(ErrorCode.UPSTREAM_TIMEOUT, "engine did not list its models in time", retryable=True)
         if response.status_code != 200:
             raise _status_error(response.status_code, response.content, response.headers)
         try:
             data = response.json()["data"]
-            return [str(m["id"]) for m in data]
+            return [encodable(str(m["id"])) for m in data]
         except (ValueError, KeyError, TypeError):
             raise UpstreamError(ErrorCode.UPSTREAM_ERROR, "engine sent an invalid model list") from None
 
@@ -294,7 +311,8 @@ def _status_error(status: int, body: bytes, headers: httpx.Headers) -> UpstreamE
         text = "engine has no such model or endpoint (HTTP 404)"
     else:
         text = f"engine answered HTTP {status}"
-    return UpstreamError(code, text, retryable=retryable, status=status, retry_after=_retry_after(headers))
+    return UpstreamError(code, text, retryable=retryable, status=status,
+                         retry_after=parse_retry_after(headers.get("retry-after")))
 
 
 def _engine_message(body: bytes) -> tuple[str | None, str | None]:
@@ -309,15 +327,17 @@ def _engine_message(body: bytes) -> tuple[str | None, str | None]:
         message = detail.get("message") or detail.get("detail")
         param = detail.get("param")
         return (
-            (str(message)[:1000] if message else None),
-            (param if isinstance(param, str) else None),
+            (encodable(str(message)[:1000]) if message else None),
+            (encodable(param) if isinstance(param, str) else None),
         )
-    return str(detail)[:1000], None
+    return encodable(str(detail)[:1000]), None
 
 
-def _retry_after(headers: httpx.Headers) -> float | None:
-    value = headers.get("retry-after")
-    try:
-        return max(0.0, float(value)) if value is not None else None
-    except ValueError:
+def parse_retry_after(value: str | None) -> float | None:
+    """The seconds a ``Retry-After`` header value asks for, at most :data:`MAX_RETRY_AFTER`.
+
+    None when there is none or it is not a plain non-negative number (the HTTP-date form is ignored).
+    """
+    if value is None or not _DELAY_SECONDS.fullmatch(value.strip()):
         return None
+    return min(float(value), MAX_RETRY_AFTER)
