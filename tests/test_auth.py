@@ -90,6 +90,14 @@ def test_key_file(tmp_path: Path) -> None:
         KeySet.load(tmp_path / "absent")
 
 
+def test_key_file_saved_with_a_bom(tmp_path: Path) -> None:
+    path = tmp_path / "keys"
+    path.write_bytes("k-one\r\nk-two\r\n".encode("utf-8-sig"))  # as Windows Notepad saves it
+    keys = KeySet.load(path)
+    assert keys.identify("k-one") and keys.identify("k-two")
+    assert keys == KeySet.from_keys(["k-one", "k-two"])
+
+
 async def rejected_status(url: str, **kwargs: Any) -> int:
     with pytest.raises(ConnectionRejected) as caught:
         async with open_websocket_url(url, **kwargs):

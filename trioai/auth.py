@@ -43,9 +43,9 @@ class KeySet:
 
     @classmethod
     def load(cls, path: str | Path) -> KeySet:
-        """One key per line; blank lines and ``#`` comments are ignored."""
+        """One key per line; blank lines and ``#`` comments are ignored, and so is a UTF-8 BOM."""
         try:
-            text = Path(path).read_text(encoding="utf-8")
+            text = Path(path).read_text(encoding="utf-8-sig")
         except (OSError, UnicodeDecodeError) as exc:
             raise KeyFileError(f"cannot read API keys file {path}: {exc}") from None
         keys = [line.strip() for line in text.splitlines()]

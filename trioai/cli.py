@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import ipaddress
 import json
 import logging
 import os
@@ -17,8 +19,8 @@ import trio
 
 from . import __version__
 from .auth import KeyFileError
-from .config import ConfigError, Settings, load_settings, setting_fields
-from .server import Server, serve
+from .config import EMBEDDED_DEFAULT_MAX_TOKENS, ConfigError, Settings, load_settings, setting_fields
+from .server import Server, serve, server_tls_context
 from .systemd import Notifier, inherited_sockets, listeners_from
 
 log = logging.getLogger("trioai")
@@ -92,6 +94,53 @@ def setup_logging(level: str, log_format: str = "text") -> None:
     logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
+def settings_for_embedded(settings: Settings) -> Settings:
+    """``settings`` for the embedded engine: unless set, ``default_max_tokens`` is
+    :data:`~trioai.config.EMBEDDED_DEFAULT_MAX_TOKENS` (within ``max_tokens_limit``)."""
+    if settings.default_max_tokens is not None:
+        return settings
+    return dataclasses.replace(
+        settings, default_max_tokens=min(EMBEDDED_DEFAULT_MAX_TOKENS, settings.max_tokens_limit)
+    )
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` names a loopback interface only (127.0.0.0/8, ::1, localhost)."""
+    if host.lower().rstrip(".") == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def warn_if_unauthenticated(settings: Settings) -> None:
+    """Log a warning when the server will accept anyone on an interface other hosts can reach."""
+    if settings.api_keys_file is None and not is_loopback(settings.host):
+        log.warning("no API keys (--api-keys-file): anyone who can reach %s may use the engine", settings.host)
+
+
+def check_tls_files(settings: Settings) -> None:
+    """Raise :class:`ConfigError` naming the file unless ``certfile`` and ``keyfile`` load as TLS cert and key.
+
+    The server loads them again when it binds; this check only makes the failure name the file.
+    """
+    if settings.certfile is None:
+        return
+    for name, path in (("certfile", settings.certfile), ("keyfile", settings.keyfile)):
+        if path is not None:
+            try:
+                with open(path, "rb"):
+                    pass
+            except OSError as exc:
+                raise ConfigError(f"cannot read {name} {path}: {exc.strerror or exc}") from None
+    try:
+        server_tls_context(settings.certfile, settings.keyfile)
+    except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+        key = f"the key {settings.keyfile}" if settings.keyfile else "the key in it"
+        raise ConfigError(f"cannot load the TLS certificate {settings.certfile} with {key}: {exc}") from None
+
+
 async def run_server(settings: Settings, notifier: Notifier | None = None) -> None:
     """Serve until SIGTERM or SIGINT, drain, then stop every task and child process.
 
@@ -108,6 +157,11 @@ async def run_server(settings: Settings, notifier: Notifier | None = None) -> No
         if settings.upstream is None:
             from .engine import serve_with_local_engine
 
+            embedded = settings_for_embedded(settings)
+            if embedded is not settings:
+                log.info("embedded engine: answers without max_tokens stop at %d tokens (--default-max-tokens)",
+                         embedded.default_max_tokens)
+                settings = embedded
             target: Any = partial(serve_with_local_engine, settings, listeners=listeners, drain=drain)
         else:
             target = partial(serve, settings, listeners=listeners, drain=drain)
@@ -166,6 +220,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _run(settings: Settings) -> int:
     from .engine import EngineFailed, EngineMissing
 
+    try:
+        check_tls_files(settings)
+    except ConfigError as exc:
+        log.error("cannot start: %s", exc)
+        return 1
+    warn_if_unauthenticated(settings)
     failure: BaseException | None = None
     try:
         trio.run(run_server, settings)

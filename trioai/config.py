@@ -8,25 +8,69 @@ environment variable (``TRIOAI_`` + the name in capitals) and the config file ke
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
+import math
 import tomllib
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Final, TypeAlias
 
 from .protocol import Limits
 
 ENV_PREFIX = "TRIOAI_"
+PORT_MAX: Final = 65535
+EMBEDDED_DEFAULT_MAX_TOKENS: Final = 256
+"""``default_max_tokens`` with the embedded engine when unset: a base model writes on until its context is full."""
 
 
 class ConfigError(ValueError):
     """A setting has a wrong name, type or value; the message says which and why."""
 
 
-def _setting(default: Any, help: str, *, minimum: float | None = None) -> Any:
-    return field(default=default, metadata={"help": help, "minimum": minimum})
+Network: TypeAlias = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def parse_networks(text: str) -> tuple[Network, ...]:
+    """Comma-separated addresses or CIDRs as networks (an address is a /32 or /128).
+
+    Raises :class:`ValueError` with the first bad entry as its message.
+    """
+    networks = []
+    for entry in (e.strip() for e in text.split(",")):
+        if entry:
+            try:
+                networks.append(ipaddress.ip_network(entry, strict=False))
+            except ValueError:
+                raise ValueError(entry) from None
+    return tuple(networks)
+
+
+def _check_networks(value: str) -> str | None:
+    try:
+        parse_networks(value)
+    except ValueError as exc:
+        return f"must be comma-separated IP addresses or CIDRs, got {str(exc)!r}"
+    return None
+
+
+def _check_not_empty(value: str) -> str | None:
+    # An empty value would read as "off" (no keys, no TLS, ...) where the user asked for something.
+    return "must not be empty (to unset it, leave it out)" if not value.strip() else None
+
+
+def _setting(
+    default: Any,
+    help: str,
+    *,
+    minimum: float | None = None,
+    maximum: float | None = None,
+    check: Callable[[Any], str | None] | None = None,
+) -> Any:
+    """A settings field; ``check`` returns what is wrong with a value (``None``: nothing)."""
+    return field(default=default, metadata={"help": help, "minimum": minimum, "maximum": maximum, "check": check})
 
 
 @dataclass(frozen=True)
@@ -34,23 +78,35 @@ class Settings:
     """Everything the server can be told; see ``trioai serve --help``."""
 
     host: str = _setting("127.0.0.1", "interface to listen on")
-    port: int = _setting(8080, "WebSocket port (0 picks a free one)", minimum=0)
-    certfile: str | None = _setting(None, "TLS certificate chain (PEM) to serve wss:// directly, without Nginx")
-    keyfile: str | None = _setting(None, "TLS private key (PEM) for --certfile (unset: in the certfile)")
+    port: int = _setting(8080, "WebSocket port (0 picks a free one)", minimum=0, maximum=PORT_MAX)
+    certfile: str | None = _setting(
+        None, "TLS certificate chain (PEM) to serve wss:// directly, without Nginx", check=_check_not_empty
+    )
+    keyfile: str | None = _setting(
+        None, "TLS private key (PEM) for --certfile (unset: in the certfile)", check=_check_not_empty
+    )
     http_host: str = _setting("127.0.0.1", "interface of the health and metrics HTTP port")
     http_port: int | None = _setting(
-        None, "HTTP port for /healthz, /readyz and /metrics (unset: none; 0 picks a free one)", minimum=0
+        None, "HTTP port for /healthz, /readyz and /metrics (unset: none; 0 picks a free one)", minimum=0,
+        maximum=PORT_MAX
     )
     upstream: str | None = _setting(
         None,
         "base URL of an OpenAI-compatible API, e.g. http://127.0.0.1:8000/v1 for vLLM "
         "(unset: start the embedded local engine)",
+        check=_check_not_empty,
     )
     api_keys_file: str | None = _setting(
-        None, "file of accepted client API keys, one per line, reloaded on SIGHUP (unset: no authentication)"
+        None, "file of accepted client API keys, one per line, reloaded on SIGHUP (unset: no authentication)",
+        check=_check_not_empty,
     )
     allowed_origins: str | None = _setting(
         None, "comma-separated Origin values browsers may connect from (unset: any); others get 403"
+    )
+    trusted_proxies: str | None = _setting(
+        None, "comma-separated addresses or CIDRs of reverse proxies (e.g. Nginx) whose X-Forwarded-For / "
+        "X-Real-IP name the client, for rate limits and logs (unset: trust none, use the peer address)",
+        check=_check_networks,
     )
     max_connections: int = _setting(10000, "open WebSocket connections at most; more get 503 at the handshake",
                                     minimum=1)
@@ -64,13 +120,16 @@ class Settings:
     model: str | None = _setting(None, "model name to request (unset: the first one the upstream lists)")
     max_concurrency: int = _setting(16, "generations running upstream at once, across all clients", minimum=1)
     max_queue: int | None = _setting(
-        None, "generations that may wait for capacity; beyond it, 'overloaded' at once (unset: no cap)", minimum=0
+        1024, "generations that may wait for capacity; beyond it, 'overloaded' at once (none: no cap)", minimum=0
     )
     max_streams_per_connection: int = _setting(8, "generations one connection may run at once", minimum=1)
     max_message_size: int = _setting(1 << 20, "largest client frame in bytes (larger: close 1009)", minimum=1024)
     max_messages: int = _setting(256, "most entries in a request's 'messages'", minimum=1)
     max_tokens_limit: int = _setting(8192, "largest 'max_tokens' a client may ask for", minimum=1)
-    default_max_tokens: int | None = _setting(None, "max_tokens when a client sends none (unset: engine's)")
+    default_max_tokens: int | None = _setting(
+        None, "max_tokens when a client sends none (unset: the engine's limit; with the embedded engine, "
+        f"{EMBEDDED_DEFAULT_MAX_TOKENS})", minimum=1
+    )
     upstream_retries: int = _setting(
         2, "retries of a request the engine refused (unreachable, 503, 429, cut off) before its first token",
         minimum=0
@@ -102,8 +161,16 @@ class Settings:
     stream_buffer_bytes: int = _setting(
         65536, "unsent text per stream before the engine is made to wait (slow clients)", minimum=1024
     )
-    local_model: str | None = _setting(None, "GGUF file for the embedded engine (unset: bundled Gemma 3 270M)")
-    local_port: int = _setting(0, "port of the embedded engine on 127.0.0.1 (0 picks a free one)", minimum=0)
+    connection_buffer_bytes: int = _setting(
+        262144, "unsent bytes per connection, all streams together, before its engine streams wait and its "
+        "new requests wait to start (slow clients)", minimum=4096
+    )
+    local_model: str | None = _setting(
+        None, "GGUF file for the embedded engine (unset: bundled Gemma 3 270M)", check=_check_not_empty
+    )
+    local_port: int = _setting(
+        0, "port of the embedded engine on 127.0.0.1 (0 picks a free one)", minimum=0, maximum=PORT_MAX
+    )
     local_threads: int | None = _setting(None, "CPU threads of the embedded engine (unset: all cores)", minimum=1)
     local_ctx: int = _setting(2048, "context length of the embedded engine", minimum=256)
     local_start_timeout: float = _setting(180.0, "seconds the embedded engine has to start", minimum=1.0)
@@ -115,6 +182,10 @@ class Settings:
         if not self.allowed_origins:
             return ()
         return tuple(o.strip().rstrip("/") for o in self.allowed_origins.split(",") if o.strip())
+
+    def trusted_networks(self) -> tuple[Network, ...]:
+        """``trusted_proxies`` as networks (an address is a /32 or /128); empty: trust no proxy."""
+        return parse_networks(self.trusted_proxies or "")
 
     def limits(self) -> Limits:
         """The protocol's validation bounds."""
@@ -160,9 +231,18 @@ def convert(f: dataclasses.Field[Any], value: Any, source: str) -> Any:
         value = float(value)
     if not isinstance(value, kind) or isinstance(value, bool):
         raise ConfigError(f"{source} must be {kind.__name__}, got {value!r}")
+    # nan passes every comparison below, and no timeout or size can be infinite.
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{source} must be a finite number, got {value!r}")
     minimum = f.metadata.get("minimum")
     if minimum is not None and value < minimum:
         raise ConfigError(f"{source} must be at least {minimum}, got {value!r}")
+    maximum = f.metadata.get("maximum")
+    if maximum is not None and value > maximum:
+        raise ConfigError(f"{source} must be at most {maximum}, got {value!r}")
+    check = f.metadata.get("check")
+    if check is not None and (problem := check(value)) is not None:
+        raise ConfigError(f"{source} {problem}")
     return value
 
 
