@@ -106,3 +106,90 @@ async def test_chat_page_in_chromium(start_gateway: StartGateway, upstream: Fake
     assert screenshot.stat().st_size > 10_000
     long = next(r for r in upstream.requests if r.body["messages"][-1]["content"] == "long story")
     assert long.disconnected_at is not None  # Stop reached the engine
+
+
+# Records, for every answer card, each change of (state text, answer length, card class) as the page
+# renders it, so a test can check what the user saw between events, not only where it ended.
+STATE_RECORDER = """
+window.__states = {};
+document.addEventListener("DOMContentLoaded", () => {
+  const snapshot = () => {
+    for (const card of document.querySelectorAll("#answers .answer")) {
+      const row = [card.querySelector(".state").textContent, card.querySelector(".text").textContent.length,
+                   card.className];
+      const log = (window.__states[card.dataset.id] ||= []);
+      const last = log[log.length - 1];
+      if (!last || last.some((value, i) => value !== row[i])) log.push(row);
+    }
+  };
+  new MutationObserver(snapshot).observe(document.getElementById("answers"),
+                                         { childList: true, subtree: true, characterData: true, attributes: true });
+});
+"""
+
+
+def queue_script(body: dict[str, Any]) -> Script:
+    prompt = body["messages"][-1]["content"]
+    if prompt == "first question":
+        return Script(tokens=tuple(f"a{i} " for i in range(30)), delay=0.05)  # ~1.5 s: the second one waits
+    return Script(tokens=tuple(f"b{i} " for i in range(40)), delay=0.05)  # slow enough to look at mid-stream
+
+
+def drive_queue(chromium: str, page_url: str) -> dict[str, Any]:
+    from playwright.sync_api import sync_playwright
+
+    seen: dict[str, Any] = {}
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, headless=True, args=CHROMIUM_FLAGS)
+        try:
+            page = browser.new_page()
+            page.add_init_script(STATE_RECORDER)
+            page.goto(page_url)
+            page.wait_for_selector("#status.connected", timeout=10_000)
+
+            # Two questions, one right after the other, with one engine slot.
+            page.fill("#prompt", "first question")
+            page.click("#send")
+            page.fill("#prompt", "second question")
+            page.click("#send")
+            second = page.locator('.answer[data-id="b2"]')
+            second.locator(".state").filter(has_text="queued (position 1)").wait_for(timeout=10_000)
+            seen["b1 done while b2 queued"] = page.locator('.answer[data-id="b1"].state-done').count() > 0
+
+            # The second one's tokens stream: look at its status while they do.
+            second.locator(".text").filter(has_text="b3 ").wait_for(timeout=10_000)
+            seen["b2 mid-stream"] = page.evaluate(
+                """() => { const c = document.querySelector('.answer[data-id="b2"]');
+                           return { state: c.querySelector('.state').textContent, cls: c.className }; }""")
+            page.wait_for_selector('.answer[data-id="b2"].state-done', timeout=10_000)
+            seen["b1 state"] = page.locator('.answer[data-id="b1"] .state').inner_text()
+            seen["b2 state"] = second.locator(".state").inner_text()
+            seen["b2 text"] = second.locator(".text").inner_text()
+            seen["history"] = page.evaluate("() => window.__states")
+        finally:
+            browser.close()
+    return seen
+
+
+async def test_queued_status_clears_once_tokens_stream(
+    start_gateway: StartGateway, upstream: FakeUpstream, chromium: str
+) -> None:
+    """Issue 13: a queued answer kept saying "queued (position 1)" while its tokens streamed."""
+    upstream.script = queue_script
+    server = await start_gateway(http_port=0, max_concurrency=1)
+    assert server.http_url is not None
+    with trio.fail_after(120):
+        seen = await trio.to_thread.run_sync(drive_queue, chromium, server.http_url + "/")
+    history: dict[str, list[list[Any]]] = seen["history"]
+    assert not seen["b1 done while b2 queued"]  # the second question really waited behind the first
+    # The first was admitted at once: never shown as queued.
+    assert history["b1"] and not any("queued" in state for state, _, _ in history["b1"]), history["b1"]
+    # The second showed its place in line while it had no text...
+    assert ["queued (position 1)", 0] in [row[:2] for row in history["b2"]], history["b2"]
+    # ...and not once its tokens started to arrive, nor mid-stream, nor at the end.
+    assert not any("queued" in state for state, length, _ in history["b2"] if length > 0), history["b2"]
+    assert "queued" not in seen["b2 mid-stream"]["state"], seen["b2 mid-stream"]
+    assert "state-done" not in seen["b2 mid-stream"]["cls"]  # it really was looked at mid-stream
+    assert seen["b1 state"] == "done" and seen["b2 state"] == "done"
+    assert seen["b2 text"].strip() == " ".join(f"b{i}" for i in range(40))
+    assert len(upstream.requests) == 2
