@@ -350,7 +350,8 @@ def make_upstream(settings: Settings, base_url: str) -> Upstream:
         connect_timeout=settings.connect_timeout,
         first_token_timeout=settings.first_token_timeout,
         token_timeout=settings.token_timeout,
-        # Enough pooled connections that admitted requests never wait for one, plus model/health checks.
+        # One per admitted request, so none waits for a connection (model and health checks have a
+        # pool of their own); the slack covers connections still being closed after a cancel.
         max_connections=settings.max_concurrency + 4,
     )
 
