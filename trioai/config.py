@@ -130,6 +130,11 @@ class Settings:
         None, "max_tokens when a client sends none (unset: the engine's limit; with the embedded engine, "
         f"{EMBEDDED_DEFAULT_MAX_TOKENS})", minimum=1
     )
+    max_tools: int = _setting(128, "most entries in a request's 'tools'", minimum=0)
+    max_schema_bytes: int = _setting(
+        65536, "largest JSON Schema (a tool's parameters, a response_format schema), as compact JSON", minimum=64
+    )
+    max_schema_depth: int = _setting(32, "deepest nesting of a JSON Schema", minimum=2)
     upstream_retries: int = _setting(
         2, "retries of a request the engine refused (unreachable, 503, 429, cut off) before its first token",
         minimum=0
@@ -193,6 +198,9 @@ class Settings:
             max_messages=self.max_messages,
             max_tokens_limit=self.max_tokens_limit,
             default_max_tokens=self.default_max_tokens,
+            max_tools=self.max_tools,
+            max_schema_bytes=self.max_schema_bytes,
+            max_schema_depth=self.max_schema_depth,
         )
 
 

@@ -17,6 +17,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final, TypeAlias
 
+from .chatfields import parse_message_fields, parse_request_fields
 from .errors import ErrorCode, ProtocolError
 
 RequestId: TypeAlias = str | int
@@ -37,6 +38,9 @@ class Limits:
     max_messages: int = 256
     max_tokens_limit: int = 8192
     default_max_tokens: int | None = None
+    max_tools: int = 128
+    max_schema_bytes: int = 65536
+    max_schema_depth: int = 32
 
 
 # --- client events ---------------------------------------------------------------------------
@@ -71,6 +75,8 @@ class ChatRequest:
     messages: tuple[Mapping[str, Any], ...]
     max_tokens: int | None
     sampling: Sampling = field(default_factory=Sampling)
+    #: Validated chat-completions fields passed to the engine as they are (tools, response_format, ...).
+    chat_fields: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -246,13 +252,17 @@ def _parse_message(obj: dict[str, Any], request_id: RequestId | None, limits: Li
         raise invalid("messages", f"field 'messages' has more than {limits.max_messages} entries")
     messages = tuple(_parse_chat_message(m, i, request_id) for i, m in enumerate(raw_messages))
 
-    max_tokens = obj.get("max_tokens")
+    max_tokens = _max_tokens(obj, "max_tokens", limits, invalid)
+    alias = _max_tokens(obj, "max_completion_tokens", limits, invalid)
+    if alias is not None:
+        if max_tokens is not None and max_tokens != alias:
+            raise invalid("max_completion_tokens", "fields 'max_tokens' and 'max_completion_tokens' disagree")
+        max_tokens = alias
     if max_tokens is None:
         max_tokens = limits.default_max_tokens
-    elif isinstance(max_tokens, bool) or not isinstance(max_tokens, int):
-        raise invalid("max_tokens", "field 'max_tokens' must be an integer")
-    elif not 1 <= max_tokens <= limits.max_tokens_limit:
-        raise invalid("max_tokens", f"field 'max_tokens' must be between 1 and {limits.max_tokens_limit}")
+    n = obj.get("n")
+    if n is not None and (isinstance(n, bool) or n != 1):
+        raise invalid("n", "field 'n' must be 1: one stream per id (send several messages with their own ids)")
 
     sampling = Sampling(
         temperature=_number(obj, "temperature", 0.0, 2.0, invalid),
@@ -262,7 +272,18 @@ def _parse_message(obj: dict[str, Any], request_id: RequestId | None, limits: Li
         presence_penalty=_number(obj, "presence_penalty", -2.0, 2.0, invalid),
         frequency_penalty=_number(obj, "frequency_penalty", -2.0, 2.0, invalid),
     )
-    return ChatRequest(request_id, messages, max_tokens, sampling)
+    return ChatRequest(request_id, messages, max_tokens, sampling, parse_request_fields(obj, limits, invalid))
+
+
+def _max_tokens(obj: dict[str, Any], name: str, limits: Limits, invalid: Any) -> int | None:
+    value = obj.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise invalid(name, f"field '{name}' must be an integer")
+    if not 1 <= value <= limits.max_tokens_limit:
+        raise invalid(name, f"field '{name}' must be between 1 and {limits.max_tokens_limit}")
+    return value
 
 
 def _parse_chat_message(raw: Any, index: int, request_id: RequestId | None) -> Mapping[str, Any]:
@@ -293,6 +314,7 @@ def _parse_chat_message(raw: Any, index: int, request_id: RequestId | None) -> M
             raise invalid(".name", f"{param}.name must be a string of 1 to 64 characters")
         _require_encodable(name, param + ".name", request_id)
         message["name"] = name
+    message.update(parse_message_fields(raw, role, invalid))
     return message
 
 
