@@ -26,7 +26,7 @@ T = TypeVar("T")
 class SharedCall(Generic[T]):
     """Run ``call`` at most once at a time and share its outcome for a while."""
 
-    __slots__ = ("_call", "ttl", "error_ttl", "_value", "_error", "_expires", "_running")
+    __slots__ = ("_call", "ttl", "error_ttl", "_value", "_error", "_expires", "_running", "_waiters")
 
     def __init__(self, call: Callable[[], Awaitable[T]], *, ttl: float = math.inf, error_ttl: float = 1.0) -> None:
         self._call = call
@@ -35,12 +35,16 @@ class SharedCall(Generic[T]):
         self._value: T | None = None
         self._error: Exception | None = None
         self._expires = -math.inf  # nothing cached yet
-        self._running: trio.Event | None = None
+        self._running = False
+        # Callers waiting for the call in flight, woken one after another in arrival order: each
+        # hands on to the next as it leaves, so callers go on (e.g. into a FIFO queue) in the
+        # order they came, which waking them all at once would shuffle.
+        self._waiters = trio.lowlevel.ParkingLot()
 
     @property
     def in_flight(self) -> bool:
         """Whether a call is running now."""
-        return self._running is not None
+        return self._running
 
     def forget(self) -> None:
         """Drop the cached outcome: the next :meth:`get` calls again."""
@@ -48,27 +52,31 @@ class SharedCall(Generic[T]):
 
     async def get(self) -> T:
         """The cached outcome if still fresh; else the outcome of the (one) call in flight."""
-        while True:
+        if trio.current_time() < self._expires:
+            await trio.lowlevel.checkpoint()
+            return self._cached()
+        while self._running:
+            await self._waiters.park()
             if trio.current_time() < self._expires:
-                await trio.lowlevel.checkpoint()
-                if self._error is not None:
-                    raise self._error
-                return self._value  # type: ignore[return-value]
-            running = self._running
-            if running is not None:
-                await running.wait()
-                continue  # its outcome is cached now, or it was cancelled and we try ourselves
-            running = self._running = trio.Event()
-            try:
-                value = await self._call()
-            except Exception as exc:  # not Cancelled: a cancelled call caches nothing
-                self._value, self._error = None, exc
-                self._expires = trio.current_time() + self.error_ttl
-                raise
-            else:
-                self._value, self._error = value, None
-                self._expires = trio.current_time() + self.ttl
-                return value
-            finally:
-                self._running = None
-                running.set()
+                self._waiters.unpark()  # the next in line
+                return self._cached()
+            # The call was cancelled, so nothing is cached: this caller runs it; the rest wait on.
+        self._running = True
+        try:
+            value = await self._call()
+        except Exception as exc:  # not Cancelled: a cancelled call caches nothing
+            self._value, self._error = None, exc
+            self._expires = trio.current_time() + self.error_ttl
+            raise
+        else:
+            self._value, self._error = value, None
+            self._expires = trio.current_time() + self.ttl
+            return value
+        finally:
+            self._running = False
+            self._waiters.unpark()
+
+    def _cached(self) -> T:
+        if self._error is not None:
+            raise self._error
+        return self._value  # type: ignore[return-value]
