@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from trioai.errors import ErrorCode, UpstreamError
 from trioai.protocol import Done, Usage, encode, encode_token
-from trioai.sse import DONE, Chunk, SSEDecoder, encodable, parse_chunk, stream_error
+from trioai.sse import DONE, Chunk, SSEDecoder, ToolCallDelta, encodable, parse_chunk, stream_error
 
 VLLM_STREAM = (
     b'data: {"id":"c1","object":"chat.completion.chunk","choices":[{"index":0,"delta":{"role":"assistant",'
@@ -123,8 +123,46 @@ def test_chunk_with_a_finish_reason_and_content() -> None:
 
 
 def test_reasoning_and_tool_deltas_carry_no_content() -> None:
-    assert parse_chunk('{"choices":[{"delta":{"reasoning_content":"hmm"}}]}') == Chunk()
+    assert parse_chunk('{"choices":[{"delta":{"reasoning_content":"hmm"}}]}') == Chunk(reasoning="hmm")
     assert parse_chunk('{"choices":[{"delta":{"content":null,"tool_calls":[]}}]}') == Chunk()
+
+
+@pytest.mark.parametrize("field", ["reasoning", "reasoning_content"])
+def test_reasoning_under_either_name(field: str) -> None:
+    """vLLM 0.32 streams ``reasoning``; older vLLM and llama.cpp ``reasoning_content``."""
+    assert parse_chunk('{"choices":[{"delta":{"' + field + '":"let me think"}}]}') == Chunk(reasoning="let me think")
+    assert parse_chunk('{"choices":[{"delta":{"role":"assistant","content":"","' + field + '":"x"}}]}').reasoning == "x"
+
+
+def test_tool_call_deltas_as_vllm_streams_them() -> None:
+    first = ('{"choices":[{"delta":{"tool_calls":[{"id":"chatcmpl-tool-1","type":"function","index":0,'
+             '"function":{"name":"get_weather"}}]}}]}')
+    assert parse_chunk(first).tool_calls == (ToolCallDelta(0, "chatcmpl-tool-1", "get_weather", ""),)
+    later = '{"choices":[{"delta":{"tool_calls":[{"index":1,"function":{"arguments":"{\\"a\\": 1"}}]}}]}'
+    assert parse_chunk(later).tool_calls == (ToolCallDelta(1, None, None, '{"a": 1'),)
+    lone = '{"choices":[{"delta":{"tool_calls":[{"index":0,"function":{"arguments":"\\ud83d"}}]}}]}'
+    assert parse_chunk(lone).tool_calls[0].arguments == "\ufffd"
+
+
+@pytest.mark.parametrize("calls", [
+    '"x"', '{"index":0}', '[1]', '[{"index":-1}]', '[{"index":"0"}]', '[{"index":0,"id":5}]',
+    '[{"index":0,"function":[]}]',
+    '[{"index":0,"function":{"name":7}}]', '[{"index":0,"function":{"arguments":{"a":1}}}]',
+])
+def test_malformed_tool_call_deltas_are_an_upstream_error(calls: str) -> None:
+    with pytest.raises(UpstreamError) as caught:
+        parse_chunk('{"choices":[{"delta":{"tool_calls":' + calls + "}}]}")
+    assert caught.value.code is ErrorCode.UPSTREAM_ERROR
+
+
+def test_logprobs_are_kept_as_plain_json() -> None:
+    data = ('{"choices":[{"delta":{"content":"Hi"},"logprobs":{"content":[{"token":"Hi","logprob":-Infinity,'
+            '"bytes":[72,105],"top_logprobs":[{"token":"Hi","logprob":-0.5,"bytes":[72,105]}]}]}}]}')
+    chunk = parse_chunk(data)
+    assert chunk.content == "Hi"
+    assert chunk.logprobs == ({"token": "Hi", "logprob": None, "bytes": [72, 105],
+                               "top_logprobs": [{"token": "Hi", "logprob": -0.5, "bytes": [72, 105]}]},)
+    assert parse_chunk('{"choices":[{"delta":{"content":"x"},"logprobs":null}]}').logprobs is None
 
 
 def test_usage_without_prompt_tokens() -> None:

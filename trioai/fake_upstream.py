@@ -3,7 +3,9 @@
 Not a mock: it listens on a TCP port and speaks HTTP with h11 (keep-alive included, since httpx
 pools connections). Each chat-completion request is answered by a :class:`Script` chosen by a
 callable, so a test can make the engine slow, fail with any status, stall, drop the connection,
-send garbage or report an error mid-stream. Every request is recorded, including the moment the
+send garbage or report an error mid-stream. Besides plain ``tokens`` a script can stream an ordered
+mix of :class:`Delta` (content, reasoning under vLLM's or llama.cpp's field name, tool-call
+fragments) and send logprobs when the request asks for them. Every request is recorded, including the moment the
 engine saw the client hang up: a watcher task reads the socket while a response streams, so a
 client that closes its stream is noticed at once, as vLLM notices it.
 
@@ -19,7 +21,7 @@ import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any, Final, Literal
 
 import h11
 import trio
@@ -30,15 +32,63 @@ CHAT_PATH: Final = b"/v1/chat/completions"
 
 
 @dataclass(frozen=True)
+class ToolDelta:
+    """One entry of a chunk's ``delta.tool_calls``: a fragment of the call at ``index``.
+
+    The first fragment of a call gives ``call_id`` (``"type": "function"`` is then sent too) and
+    ``name``; later ones only ``index`` and ``arguments``. ``arguments=None`` leaves the key out, as
+    vLLM does on a call's first fragment (``{"name": ...}`` alone); llama.cpp sends ``""`` instead.
+    """
+
+    index: int = 0
+    arguments: str | None = None
+    call_id: str | None = None
+    name: str | None = None
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One entry of ``logprobs.content``, for scripting exact values (non-finite ones included)."""
+
+    token: str
+    logprob: float = -0.1
+    top_logprobs: tuple[tuple[str, float], ...] = ()
+    token_bytes: tuple[int, ...] | None = None  # None: the token's UTF-8 bytes
+
+
+@dataclass(frozen=True)
+class Delta:
+    """One streamed chunk's ``delta``: any mix of content, reasoning and tool-call fragments.
+
+    ``logprobs=None`` means: generated for ``content`` when the request asks ``logprobs: true`` (one
+    entry per delta, ``top_logprobs`` as many as asked), nothing otherwise; a tuple is sent as
+    ``logprobs.content`` as is, on any delta, asked for or not.
+    """
+
+    content: str | None = None
+    reasoning: str | None = None
+    tool_calls: tuple[ToolDelta, ...] = ()
+    logprobs: tuple[TokenLogprob, ...] | None = None
+
+
+@dataclass(frozen=True)
 class Script:
     """What the fake engine does for one chat-completion request.
 
     ``raw_lines`` go out before the first chunk; ``raw_body``, when set, is the whole streamed body
     instead (sent part by part, nothing added, not even ``[DONE]``). ``response_headers`` are added
     to the answer, error answers included.
+
+    The stream is ``tokens`` (one content delta each) then ``deltas`` (a bare :class:`ToolDelta`
+    is a delta with that one tool-call fragment); ``stall_after``, ``drop_after``,
+    ``stream_error_after``, ``delay`` and ``batch`` count over both. Reasoning goes out as
+    ``delta.reasoning`` (vLLM 0.32) or, with ``reasoning_field="reasoning_content"``, as older vLLM
+    and llama.cpp name it. A tool-calling script sets ``finish_reason="tool_calls"`` itself.
     """
 
     tokens: tuple[str, ...] = ()
+    deltas: tuple[Delta | ToolDelta, ...] = ()
+    reasoning_field: Literal["reasoning", "reasoning_content"] = "reasoning"
     first_delay: float = 0.0
     delay: float = 0.0
     finish_reason: str = "stop"
@@ -289,7 +339,10 @@ class FakeUpstream:
         if script.first_delay:
             await trio.sleep(script.first_delay)
         pending: list[bytes] = []
-        for index, token in enumerate(script.tokens):
+        tokens = script.tokens
+        count = len(tokens)
+        top = _requested_top_logprobs(body)
+        for index in range(count + len(script.deltas)):
             if index == script.stall_after:
                 await self._flush(stream, conn, pending)
                 await trio.sleep_forever()
@@ -309,8 +362,12 @@ class FakeUpstream:
                 await trio.sleep(script.delay)
             if script.keepalive_comments:
                 pending.append(b": keep-alive\n\n")
-            pending.append(prefix + b'[{"index":0,"delta":{"content":' + json.dumps(token).encode()
-                           + b'},"finish_reason":null}]}\n\n')
+            if index < count and top is None:
+                pending.append(prefix + b'[{"index":0,"delta":{"content":' + json.dumps(tokens[index]).encode()
+                               + b'},"finish_reason":null}]}\n\n')
+            else:
+                item = Delta(content=tokens[index]) if index < count else script.deltas[index - count]
+                pending.append(prefix + _delta_choices(item, script.reasoning_field, top) + b"}\n\n")
             record.chunks_sent += 1
             if script.delay or len(pending) >= script.batch:
                 await self._flush(stream, conn, pending)
@@ -320,8 +377,8 @@ class FakeUpstream:
         if script.usage and isinstance(options, dict) and options.get("include_usage"):
             messages = [m for m in body.get("messages", []) if isinstance(m, dict)]
             prompt = sum(len(str(m.get("content", "")).split()) for m in messages)
-            usage = {"prompt_tokens": prompt, "completion_tokens": len(script.tokens),
-                     "total_tokens": prompt + len(script.tokens)}
+            completion = len(script.tokens) + len(script.deltas)
+            usage = {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
             pending.append(prefix + b"[],\"usage\":" + json.dumps(usage).encode() + b"}\n\n")
         if script.send_done:
             pending.append(b"data: [DONE]\n\n")
@@ -341,12 +398,82 @@ def _error_body(status: int, message: str, param: str | None) -> dict[str, Any]:
     return {"error": {"message": message, "type": kind, "param": param, "code": status}}
 
 
+def _requested_top_logprobs(body: dict[str, Any]) -> int | None:
+    """None when the request does not ask ``logprobs: true``, else how many ``top_logprobs``."""
+    if body.get("logprobs") is not True:
+        return None
+    top = body.get("top_logprobs")
+    return top if isinstance(top, int) and not isinstance(top, bool) and top > 0 else 0
+
+
+def _logprob_entry(token: str, logprob: float, top: tuple[tuple[str, float], ...],
+                   token_bytes: tuple[int, ...] | None = None) -> dict[str, Any]:
+    raw = list(token_bytes) if token_bytes is not None else list(token.encode("utf-8", "surrogatepass"))
+    return {"token": token, "logprob": logprob, "bytes": raw,
+            "top_logprobs": [{"token": t, "logprob": lp, "bytes": list(t.encode("utf-8", "surrogatepass"))}
+                             for t, lp in top]}  # fmt: skip
+
+
+def _delta_choices(item: Delta | ToolDelta, reasoning_field: str, top: int | None) -> bytes:
+    """The ``[choice]`` of one chunk (vLLM's key order), without the chunk's closing brace."""
+    delta = Delta(tool_calls=(item,)) if isinstance(item, ToolDelta) else item
+    out: dict[str, Any] = {}
+    if delta.content is not None:
+        out["content"] = delta.content
+    if delta.reasoning is not None:
+        out[reasoning_field] = delta.reasoning
+    if delta.tool_calls:
+        calls: list[dict[str, Any]] = []
+        for call in delta.tool_calls:
+            entry: dict[str, Any] = {}
+            if call.call_id is not None:
+                entry["id"] = call.call_id
+                entry["type"] = "function"
+            entry["index"] = call.index
+            function: dict[str, str] = {}
+            if call.name is not None:
+                function["name"] = call.name
+            if call.arguments is not None:
+                function["arguments"] = call.arguments
+            entry["function"] = function
+            calls.append(entry)
+        out["tool_calls"] = calls
+    choice: dict[str, Any] = {"index": 0, "delta": out}
+    if delta.logprobs is not None:
+        choice["logprobs"] = {"content": [_logprob_entry(e.token, e.logprob, e.top_logprobs, e.token_bytes)
+                                          for e in delta.logprobs]}
+    elif top is not None and delta.content is not None:
+        # The sampled token first, then made-up runners-up: alt1 at -2.0, alt2 at -3.0, ...
+        ranked = ((delta.content, -0.1), *((f"alt{i}", -1.0 - i) for i in range(1, top)))
+        choice["logprobs"] = {"content": [_logprob_entry(delta.content, -0.1, ranked[:top])]}
+    choice["finish_reason"] = None
+    return json.dumps([choice], separators=(",", ":")).encode()
+
+
 def _completion(model: str, script: Script, body: dict[str, Any]) -> dict[str, Any]:
+    content = "".join(script.tokens)
+    reasoning = ""
+    calls: dict[int, dict[str, Any]] = {}
+    for item in script.deltas:
+        delta = Delta(tool_calls=(item,)) if isinstance(item, ToolDelta) else item
+        content += delta.content or ""
+        reasoning += delta.reasoning or ""
+        for part in delta.tool_calls:
+            fresh = {"id": "", "type": "function", "function": {"name": "", "arguments": ""}}
+            call = calls.setdefault(part.index, fresh)
+            call["id"] = part.call_id or call["id"]
+            call["function"]["name"] = part.name or call["function"]["name"]
+            call["function"]["arguments"] += part.arguments or ""
+    message: dict[str, Any] = {"role": "assistant", "content": content or (None if calls else "")}
+    if reasoning:
+        message[script.reasoning_field] = reasoning
+    if calls:
+        message["tool_calls"] = [calls[i] for i in sorted(calls)]
+    completion = len(script.tokens) + len(script.deltas)
     return {
         "id": "chatcmpl-0", "object": "chat.completion", "created": int(time.time()), "model": model,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(script.tokens)},
-                     "finish_reason": script.finish_reason}],
-        "usage": {"prompt_tokens": 0, "completion_tokens": len(script.tokens), "total_tokens": len(script.tokens)},
+        "choices": [{"index": 0, "message": message, "finish_reason": script.finish_reason}],
+        "usage": {"prompt_tokens": 0, "completion_tokens": completion, "total_tokens": completion},
     }  # fmt: skip
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Final, Protocol
+from typing import Any, Final, Protocol
 
 import trio
 
@@ -20,7 +20,7 @@ from .config import Settings
 from .errors import ErrorCode, UpstreamError
 from .metrics import Metrics
 from .outbox import StreamSender
-from .protocol import ChatRequest, Done, Error, RequestId, Started, Usage
+from .protocol import AssembledToolCall, ChatRequest, Done, Error, RequestId, Started, Usage
 from .ratelimit import RateLimiter
 from .singleflight import SharedCall
 from .upstream import Upstream
@@ -148,20 +148,28 @@ class Gateway:
         if request.max_tokens is not None:
             payload["max_tokens"] = request.max_tokens
         payload.update(request.sampling.to_payload())
+        payload.update(request.chat_fields)
         finish_reason: str | None = None
         prompt_tokens: int | None = None
         completion_tokens: int | None = None
+        calls: dict[int, list[Any]] = {}  # index -> [call_id, name, argument fragments]
         async with self.upstream.stream_chat(payload) as chunks:
             async for chunk in chunks:
+                over = False
+                if chunk.reasoning:  # a reasoning model's thinking comes before its answer
+                    over = sender.put_reasoning(chunk.reasoning)
+                    _count_delta(stats)
                 if chunk.content:
-                    now = trio.current_time()
-                    if stats.first_token_at is None:
-                        stats.first_token_at = now
-                    stats.last_token_at = now
-                    stats.deltas += 1
-                    if sender.put_token(chunk.content):  # the client reads slower than the engine writes
-                        with chunks.paused():
-                            await sender.drained()
+                    _count_delta(stats)
+                    over = sender.put_token(chunk.content, chunk.logprobs) or over
+                if chunk.tool_calls:
+                    for call in chunk.tool_calls:
+                        over = sender.put_tool_call(call.index, call.call_id, call.name, call.arguments) or over
+                        _assemble(calls, call.index, call.call_id, call.name, call.arguments)
+                    _count_delta(stats)
+                if over:  # the client reads slower than the engine writes
+                    with chunks.paused():
+                        await sender.drained()
                 if chunk.finish_reason is not None:
                     finish_reason = chunk.finish_reason
                 if chunk.has_usage:
@@ -171,7 +179,28 @@ class Gateway:
             usage = Usage(None, stats.deltas, source="gateway")
         else:
             usage = Usage(prompt_tokens, completion_tokens)
-        return Done(request_id, finish_reason, usage, stats.ttft_ms, _decode_rate(usage.completion_tokens, stats))
+        return Done(request_id, finish_reason, usage, stats.ttft_ms, _decode_rate(usage.completion_tokens, stats),
+                    tuple(AssembledToolCall(c[0], c[1], "".join(c[2])) for _, c in sorted(calls.items())))
+
+
+def _count_delta(stats: RequestStats) -> None:
+    """One delta of output (text, reasoning or a tool call), for TTFT, the decode rate and retries."""
+    now = trio.current_time()
+    if stats.first_token_at is None:
+        stats.first_token_at = now
+    stats.last_token_at = now
+    stats.deltas += 1
+
+
+def _assemble(calls: dict[int, list[Any]], index: int, call_id: str | None, name: str | None, arguments: str) -> None:
+    call = calls.get(index)
+    if call is None:
+        call = calls[index] = [None, None, []]
+    if call_id is not None:
+        call[0] = call_id
+    if name is not None and call[1] is None:
+        call[1] = name
+    call[2].append(arguments)
 
 
 def _decode_rate(tokens: int, stats: RequestStats) -> float | None:

@@ -4,12 +4,13 @@ Only the session's writer task writes to the WebSocket. Generation tasks and the
 events through an :class:`Outbox`, because a task cancelled in the middle of ``send_all`` would
 leave half a frame on the wire and corrupt the connection for every other stream on it.
 
-Ordering: one FIFO of items. A stream's unsent tokens live in a single slot that sits in the FIFO
-where its first unsent token arrived; later tokens join that slot until the writer takes it, and the
-writer sends the whole slot as one ``token`` event (content concatenated in order: a client reading
-slower than the engine writes gets fewer, larger events and loses nothing). A stream's terminal
-event is appended after its slot, so no token can follow it. ``queued`` positions keep only the
-latest unsent value.
+Ordering: one FIFO of items. A stream's unsent deltas live in slots: a slot sits in the FIFO where
+its first delta arrived, and later deltas of the same kind join it while it is unsent and still the
+stream's last item; the writer sends a slot as one event (``token``, ``reasoning``, or ``tool_call``
+for one ``index``, content concatenated in order: a client reading slower than the engine writes
+gets fewer, larger events and loses nothing). A delta of another kind starts a new slot after it,
+so kinds never reorder. A stream's terminal event is appended after its slots, so no delta can
+follow it. ``queued`` positions keep only the latest unsent value.
 
 Bounds: a stream's slot holds at most ``stream_buffer_bytes`` characters before the generation waits
 (which in turn stops reading from the engine); all of a connection's unsent frames together hold at
@@ -31,29 +32,74 @@ from __future__ import annotations
 import collections
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final
 
 import trio
 
-from .protocol import TERMINAL_EVENTS, Queued, RequestId, ServerEvent, encode, encode_id, encode_token
+from .protocol import (
+    TERMINAL_EVENTS,
+    Queued,
+    RequestId,
+    ServerEvent,
+    encode,
+    encode_id,
+    encode_reasoning,
+    encode_token,
+    encode_tool_call,
+)
 
 DEFAULT_MAX_CONTROL: Final = 64
 DEFAULT_CONNECTION_BUFFER_BYTES: Final = 262144
 
 
-class _TokenSlot:
-    __slots__ = ("id_json", "parts", "size", "queued", "drained")
+class _TextSlot:
+    """A stream's unsent ``token`` (or, with ``reasoning``, ``reasoning``) text; reused once sent."""
 
-    def __init__(self, id_json: str) -> None:
+    __slots__ = ("id_json", "reasoning", "parts", "size", "queued", "drained", "logprobs")
+
+    def __init__(self, id_json: str, reasoning: bool = False) -> None:
         self.id_json = id_json
+        self.reasoning = reasoning
+        self.parts: list[str] = []
+        self.size = 0
+        self.queued = False
+        self.drained: trio.Event | None = None
+        self.logprobs: list[Any] | None = None
+
+    def take(self) -> str:
+        parts = self.parts
+        text = parts[0] if len(parts) == 1 else "".join(parts)
+        if self.reasoning:
+            frame = encode_reasoning(self.id_json, text)
+        else:
+            frame = encode_token(self.id_json, text, self.logprobs)
+            self.logprobs = None
+        self.parts = []
+        self.size = 0
+        self.queued = False
+        if self.drained is not None:
+            self.drained.set()
+            self.drained = None
+        return frame
+
+
+class _ToolCallSlot:
+    """Unsent fragments of one tool call (one ``index``); a new slot after each send."""
+
+    __slots__ = ("id_json", "index", "call_id", "name", "parts", "size", "queued", "drained")
+
+    def __init__(self, id_json: str, index: int, call_id: str | None, name: str | None) -> None:
+        self.id_json = id_json
+        self.index = index
+        self.call_id = call_id
+        self.name = name
         self.parts: list[str] = []
         self.size = 0
         self.queued = False
         self.drained: trio.Event | None = None
 
     def take(self) -> str:
-        parts = self.parts
-        frame = encode_token(self.id_json, parts[0] if len(parts) == 1 else "".join(parts))
+        frame = encode_tool_call(self.id_json, self.index, self.call_id, self.name, "".join(self.parts))
         self.parts = []
         self.size = 0
         self.queued = False
@@ -91,7 +137,7 @@ class _Control:
         self.frame = frame
 
 
-_Item = str | _TokenSlot | _QueuedSlot | _Control | CloseFrame
+_Item = str | _TextSlot | _ToolCallSlot | _QueuedSlot | _Control | CloseFrame
 
 
 class Outbox:
@@ -204,7 +250,7 @@ class Outbox:
             return None
         item = items.popleft()
         frame: str | CloseFrame
-        if type(item) is _TokenSlot:
+        if type(item) is _TextSlot or type(item) is _ToolCallSlot:
             self.queued_bytes -= item.size
             frame = item.take()
         elif type(item) is str:
@@ -230,17 +276,20 @@ class Outbox:
 class StreamSender:
     """Puts one request's events into the outbox; after its terminal event, nothing more."""
 
-    __slots__ = ("request_id", "_outbox", "_tokens", "_queued", "finished")
+    __slots__ = ("request_id", "_outbox", "_tokens", "_reasoning", "_queued", "_last", "finished")
 
     def __init__(self, outbox: Outbox, request_id: RequestId) -> None:
         self.request_id = request_id
         self._outbox = outbox
-        self._tokens = _TokenSlot(encode_id(request_id))
+        self._tokens = _TextSlot(encode_id(request_id))
+        self._reasoning: _TextSlot | None = None
         self._queued: _QueuedSlot | None = None
+        # The stream's latest item in the FIFO: only it may take more deltas (kinds never reorder).
+        self._last: object = None
         self.finished = False
 
     def event(self, event: ServerEvent) -> None:
-        """Queue a non-token event (``start``, or a terminal one, which finishes the stream)."""
+        """Queue a non-delta event (``start``, or a terminal one, which finishes the stream)."""
         if self.finished:
             raise RuntimeError(f"stream {self.request_id!r} already ended")
         if isinstance(event, TERMINAL_EVENTS):
@@ -250,6 +299,7 @@ class StreamSender:
         if not outbox.closing:
             outbox.queued_bytes += len(frame)
         outbox._push(frame)
+        self._last = None
 
     def queued(self, position: int) -> None:
         """Report a queue position; an unsent earlier position is replaced, not repeated."""
@@ -262,22 +312,55 @@ class StreamSender:
         if not slot.queued:
             slot.queued = True
             self._outbox._push(slot)
+            self._last = slot
 
-    def put_token(self, content: str) -> bool:
-        """Queue generated text; True when this stream's or the connection's unsent text is over its bound.
+    def put_token(self, content: str, logprobs: tuple[Any, ...] | None = None) -> bool:
+        """Queue generated text (and its logprobs entries, when asked); True when this stream's or
+        the connection's unsent text is over its bound.
 
         The caller should then ``await drained()`` before reading more from the engine.
         """
         if self.finished:
             raise RuntimeError(f"stream {self.request_id!r} already ended")
         slot = self._tokens
+        if slot.queued and self._last is not slot:  # another kind of event came after it
+            slot = self._tokens = _TextSlot(slot.id_json)
+        if logprobs:
+            if slot.logprobs is None:
+                slot.logprobs = []
+            slot.logprobs.extend(logprobs)
+        return self._put(slot, content)
+
+    def put_reasoning(self, content: str) -> bool:
+        """Queue reasoning text; the same bounds and return value as :meth:`put_token`."""
+        if self.finished:
+            raise RuntimeError(f"stream {self.request_id!r} already ended")
+        slot = self._reasoning
+        if slot is None or (slot.queued and self._last is not slot):
+            slot = self._reasoning = _TextSlot(self._tokens.id_json, reasoning=True)
+        return self._put(slot, content)
+
+    def put_tool_call(self, index: int, call_id: str | None, name: str | None, arguments: str) -> bool:
+        """Queue a fragment of the tool call at ``index``; the same bounds and return value as
+        :meth:`put_token`. Joins the previous fragment only if it is of the same call, unsent and
+        the stream's last item, and this one names no new id or function."""
+        if self.finished:
+            raise RuntimeError(f"stream {self.request_id!r} already ended")
+        slot = self._last
+        if not (type(slot) is _ToolCallSlot and slot.queued and slot.index == index
+                and call_id is None and name is None):
+            slot = _ToolCallSlot(self._tokens.id_json, index, call_id, name)
+        return self._put(slot, arguments)
+
+    def _put(self, slot: _TextSlot | _ToolCallSlot, text: str) -> bool:
         outbox = self._outbox
-        slot.parts.append(content)
-        size = len(content)
+        slot.parts.append(text)
+        size = len(text)
         slot.size += size
         if not slot.queued:
             slot.queued = True
             outbox._push(slot)
+            self._last = slot
         outbox.queued_bytes += size
         return slot.size >= outbox.stream_buffer_bytes or outbox.queued_bytes >= outbox.connection_buffer_bytes
 
@@ -287,11 +370,11 @@ class StreamSender:
 
     async def drained(self) -> None:
         """Wait until this stream's and the connection's unsent text are under their bounds again
-        (after :meth:`put_token` said they were over)."""
-        slot = self._tokens
-        if slot.size >= self._outbox.stream_buffer_bytes:
+        (after a ``put_*`` said they were over)."""
+        slot = self._last
+        if ((type(slot) is _TextSlot or type(slot) is _ToolCallSlot)
+                and slot.size >= self._outbox.stream_buffer_bytes):
             if slot.drained is None:
                 slot.drained = trio.Event()
             await slot.drained.wait()
         await self._outbox.wait_for_room()
-

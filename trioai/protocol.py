@@ -121,6 +121,35 @@ class Token:
 
     id: RequestId
     content: str
+    logprobs: tuple[Any, ...] | None = None  # the engine's entries for this text, when asked
+
+
+@dataclass(frozen=True, slots=True)
+class Reasoning:
+    """``reasoning``: the model's thinking, apart from its answer, one or more deltas in order."""
+
+    id: RequestId
+    content: str
+
+
+@dataclass(frozen=True, slots=True)
+class ToolCall:
+    """``tool_call``: one fragment of a function call; fragments of one ``index`` concatenate."""
+
+    id: RequestId
+    index: int
+    call_id: str | None
+    name: str | None
+    arguments: str
+
+
+@dataclass(frozen=True, slots=True)
+class AssembledToolCall:
+    """One whole function call of a finished generation (``done.tool_calls``)."""
+
+    call_id: str | None
+    name: str | None
+    arguments: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,6 +174,7 @@ class Done:
     usage: Usage
     ttft_ms: float | None
     tokens_per_s: float | None
+    tool_calls: tuple[AssembledToolCall, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,7 +202,7 @@ class Pong:
     id: RequestId | None
 
 
-ServerEvent: TypeAlias = Started | Queued | Token | Done | Cancelled | Error | Pong
+ServerEvent: TypeAlias = Started | Queued | Token | Reasoning | ToolCall | Done | Cancelled | Error | Pong
 TERMINAL_EVENTS: Final = (Done, Cancelled, Error)
 
 
@@ -411,15 +441,37 @@ def encode_id(request_id: RequestId | None) -> str:
     return dumps(request_id)
 
 
-def encode_token(id_json: str, content: str) -> str:
+def encode_token(id_json: str, content: str, logprobs: list[Any] | tuple[Any, ...] | None = None) -> str:
     """The ``token`` frame: the per-token hot path, so built by concatenation."""
-    return '{"type":"token","id":' + id_json + ',"content":' + dumps(content) + "}"
+    if logprobs is None:
+        return '{"type":"token","id":' + id_json + ',"content":' + dumps(content) + "}"
+    return ('{"type":"token","id":' + id_json + ',"content":' + dumps(content) + ',"logprobs":'
+            + dumps(list(logprobs)) + "}")
+
+
+def encode_reasoning(id_json: str, content: str) -> str:
+    """The ``reasoning`` frame, built like ``token``'s."""
+    return '{"type":"reasoning","id":' + id_json + ',"content":' + dumps(content) + "}"
+
+
+def encode_tool_call(id_json: str, index: int, call_id: str | None, name: str | None, arguments: str) -> str:
+    """The ``tool_call`` frame; ``call_id`` and ``name`` only when the fragment carries them."""
+    head = '{"type":"tool_call","id":' + id_json + ',"index":' + str(index)
+    if call_id is not None:
+        head += ',"call_id":' + dumps(call_id)
+    if name is not None:
+        head += ',"name":' + dumps(name)
+    return head + ',"arguments":' + dumps(arguments) + "}"
 
 
 def encode(event: ServerEvent) -> str:
     """The JSON text frame of a server event."""
     if type(event) is Token:
-        return encode_token(encode_id(event.id), event.content)
+        return encode_token(encode_id(event.id), event.content, event.logprobs)
+    if type(event) is Reasoning:
+        return encode_reasoning(encode_id(event.id), event.content)
+    if type(event) is ToolCall:
+        return encode_tool_call(encode_id(event.id), event.index, event.call_id, event.name, event.arguments)
     return dumps(_as_dict(event))
 
 
@@ -445,7 +497,9 @@ def _as_dict(event: ServerEvent) -> dict[str, Any]:
                 },
                 "ttft_ms": _round(event.ttft_ms),
                 "tokens_per_s": _round(event.tokens_per_s),
-            }
+            } | ({"tool_calls": [
+                {"call_id": c.call_id, "name": c.name, "arguments": c.arguments} for c in event.tool_calls
+            ]} if event.tool_calls else {})
         case Cancelled(id=i):
             return {"type": "cancelled", "id": i}
         case Error():

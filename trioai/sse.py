@@ -19,6 +19,7 @@ U+FFFD, as invalid UTF-8 bytes do.
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass
 from typing import Any, Final, TypeGuard
@@ -30,6 +31,8 @@ DEFAULT_MAX_EVENT_BYTES: Final = 1 << 20
 # A token count beyond this (JavaScript's last exact integer) is no engine's: ignored, as it could
 # make the decode rate overflow or infinite, which JSON cannot carry.
 MAX_TOKEN_COUNT: Final = 2**53
+# A logprobs entry is {token, logprob, bytes: [...], top_logprobs: [{token, logprob, bytes: [...]}]}.
+MAX_LOGPROB_DEPTH: Final = 5
 # What json.loads leaves of a surrogate escape that is not half of a pair (pairs become one character).
 _SURROGATE: Final = re.compile("[\ud800-\udfff]")
 
@@ -115,6 +118,16 @@ def _line_too_long(limit: int) -> UpstreamError:
 
 
 @dataclass(frozen=True, slots=True)
+class ToolCallDelta:
+    """One entry of a delta's ``tool_calls``: a fragment of the call at ``index``."""
+
+    index: int
+    call_id: str | None
+    name: str | None
+    arguments: str
+
+
+@dataclass(frozen=True, slots=True)
 class Chunk:
     """What one ``chat.completion.chunk`` carries that trioai relays."""
 
@@ -122,6 +135,9 @@ class Chunk:
     finish_reason: str | None = None
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
+    reasoning: str = ""
+    tool_calls: tuple[ToolCallDelta, ...] = ()
+    logprobs: tuple[Any, ...] | None = None  # choices[0].logprobs.content, made plain JSON
 
     @property
     def has_usage(self) -> bool:
@@ -148,8 +164,10 @@ def parse_chunk(data: str) -> Chunk:
     # Only a \uD800-\uDFFF escape can put a surrogate in a str (bytes are decoded with "replace"),
     # so the common chunk pays one substring search, not a scan of every string.
     check = "\\u" in data and ("\\ud" in data or "\\uD" in data)
-    content = ""
+    content = reasoning = ""
     finish_reason = None
+    tool_calls: tuple[ToolCallDelta, ...] = ()
+    logprobs = None
     choices = obj.get("choices")
     if choices:
         choice = choices[0] if isinstance(choices, list) else None
@@ -160,9 +178,21 @@ def parse_chunk(data: str) -> Chunk:
             text = delta.get("content")
             if isinstance(text, str):
                 content = encodable(text) if check else text
+            if text is None or len(delta) > 1:  # more than a content delta: reasoning, tool calls, role
+                thought = delta.get("reasoning")
+                if not isinstance(thought, str):
+                    thought = delta.get("reasoning_content")  # older vLLM, llama.cpp
+                if isinstance(thought, str):
+                    reasoning = encodable(thought) if check else thought
+                calls = delta.get("tool_calls")
+                if calls:
+                    tool_calls = _tool_call_deltas(calls)
         reason = choice.get("finish_reason")
         if isinstance(reason, str):
             finish_reason = encodable(reason) if check else reason
+        entries = choice.get("logprobs")
+        if entries:
+            logprobs = _logprob_entries(entries)
     prompt_tokens = completion_tokens = None
     usage = obj.get("usage")
     if isinstance(usage, dict):
@@ -171,7 +201,55 @@ def parse_chunk(data: str) -> Chunk:
             completion_tokens = completion
             prompt = usage.get("prompt_tokens")
             prompt_tokens = prompt if _is_count(prompt) else None
-    return Chunk(content, finish_reason, prompt_tokens, completion_tokens)
+    return Chunk(content, finish_reason, prompt_tokens, completion_tokens, reasoning, tool_calls, logprobs)
+
+
+def _tool_call_deltas(calls: Any) -> tuple[ToolCallDelta, ...]:
+    if not isinstance(calls, list):
+        raise UpstreamError(ErrorCode.UPSTREAM_ERROR, "engine sent a malformed 'tool_calls' delta")
+    out = []
+    for position, call in enumerate(calls):
+        function = call.get("function") if isinstance(call, dict) else None
+        if function is None:
+            function = {}
+        index = call.get("index", position) if isinstance(call, dict) else None
+        call_id = call.get("id") if isinstance(call, dict) else None
+        name = function.get("name") if isinstance(function, dict) else None
+        arguments = function.get("arguments") if isinstance(function, dict) else None
+        if (not isinstance(call, dict) or not isinstance(function, dict) or not _is_count(index)
+                or not isinstance(call_id, str | None) or not isinstance(name, str | None)
+                or not isinstance(arguments, str | None)):
+            raise UpstreamError(ErrorCode.UPSTREAM_ERROR, "engine sent a malformed 'tool_calls' delta")
+        out.append(ToolCallDelta(
+            index, None if call_id is None else encodable(call_id), None if name is None else encodable(name),
+            encodable(arguments or ""),
+        ))
+    return tuple(out)
+
+
+def _logprob_entries(logprobs: Any) -> tuple[Any, ...] | None:
+    entries = logprobs.get("content") if isinstance(logprobs, dict) else None
+    if not isinstance(entries, list):
+        return None
+    return tuple(plain_json(entry, MAX_LOGPROB_DEPTH) for entry in entries)
+
+
+def plain_json(value: Any, depth: int) -> Any:
+    """``value`` as JSON a WebSocket frame can carry: non-finite numbers become None, strings
+    encodable; deeper than ``depth`` levels, None."""
+    if isinstance(value, str):
+        return encodable(value)
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if value is None or isinstance(value, bool | int):
+        return value
+    if depth <= 0:
+        return None
+    if isinstance(value, list):
+        return [plain_json(item, depth - 1) for item in value]
+    if isinstance(value, dict):
+        return {encodable(str(key)): plain_json(item, depth - 1) for key, item in value.items()}
+    return None
 
 
 def _is_count(value: object) -> TypeGuard[int]:
