@@ -4,6 +4,7 @@ once, queue position, errors. Saves a screenshot to artifacts/chat-page.png."""
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -12,8 +13,10 @@ import pytest
 import trio
 
 from trioai.fake_upstream import FakeUpstream, Script
+from trioai.server import chat_page
 
 from .conftest import StartGateway
+from .test_client import DONE_TOOL_CALLS, USAGE, ScriptedServer, ScriptItem, engine_rich_script, rich_events
 
 ARTIFACTS = Path(__file__).resolve().parent.parent / "artifacts"
 CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -193,3 +196,142 @@ async def test_queued_status_clears_once_tokens_stream(
     assert seen["b1 state"] == "done" and seen["b2 state"] == "done"
     assert seen["b2 text"].strip() == " ".join(f"b{i}" for i in range(40))
     assert len(upstream.requests) == 2
+
+
+# --- Reasoning and tool calls, against a scripted server (tests/test_client.py's ScriptedServer). ------
+
+TOOLS_SHOWN = ['get_weather({"city": "Paris"})', 'get_time({"tz": "CET"})']
+
+
+def page_script(before_done: trio.Event) -> Callable[[dict[str, Any]], list[ScriptItem]]:
+    def script(message: dict[str, Any]) -> list[ScriptItem]:
+        prompt = message["messages"][-1]["content"]
+        if prompt == "weather?":
+            # Waits in line first, then thinks (no answer text yet), answers, calls two functions;
+            # `done` waits until the test has looked at the calls built from the fragments.
+            events = rich_events()
+            paced: list[ScriptItem] = [events[0], {"type": "queued", "position": 1}, 0.3]
+            for event in events[1:-1]:
+                paced += [event, 0.05]
+            return [*paced, before_done, events[-1]]
+        if prompt == "calls in done only":
+            return [{"type": "start", "model": "m"}, DONE_TOOL_CALLS]
+        return [{"type": "start", "model": "m"}, {"type": "token", "content": f"plain {prompt}"},
+                {"type": "done", "finish_reason": "stop", "usage": USAGE}]
+
+    return script
+
+
+def card_info(page: Any, card_id: str) -> dict[str, Any]:
+    info: dict[str, Any] = page.evaluate(
+        """(id) => { const c = document.querySelector(`.answer[data-id="${id}"]`);
+                     const r = c.querySelector("details.reasoning"), t = c.querySelector(".tools");
+                     return { state: c.querySelector(".state").textContent, text: c.querySelector(".text").textContent,
+                              reasoningHidden: r.hidden, reasoningOpen: r.open,
+                              summary: r.querySelector("summary").textContent,
+                              reasoning: r.querySelector(".reasoning-text").textContent, toolsHidden: t.hidden,
+                              tools: [...t.querySelectorAll("li")].map((li) => li.textContent) }; }""",
+        card_id)
+    return info
+
+
+def drive_reasoning(chromium: str, page_url: str, before_done: trio.Event, screenshot: Path) -> dict[str, Any]:
+    from playwright.sync_api import sync_playwright
+
+    seen: dict[str, Any] = {}
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, headless=True, args=CHROMIUM_FLAGS)
+        try:
+            page = browser.new_page()
+            page.add_init_script(STATE_RECORDER)
+            page.goto(page_url)
+            page.wait_for_selector("#status.connected", timeout=10_000)
+
+            page.fill("#prompt", "weather?")
+            page.click("#send")
+            card = page.locator('.answer[data-id="b1"]')
+            card.locator(".tool").filter(has_text='"CET"}').wait_for(timeout=10_000)
+            seen["b1 before done"] = card_info(page, "b1")
+            trio.from_thread.run_sync(before_done.set)
+            page.wait_for_selector('.answer[data-id="b1"].state-done', timeout=10_000)
+            seen["b1 done"] = card_info(page, "b1")
+
+            page.fill("#prompt", "calls in done only")
+            page.click("#send")
+            page.wait_for_selector('.answer[data-id="b2"].state-done', timeout=10_000)
+            seen["b2"] = card_info(page, "b2")
+
+            page.fill("#prompt", "hello")
+            page.click("#send")
+            page.wait_for_selector('.answer[data-id="b3"].state-done', timeout=10_000)
+            seen["b3"] = card_info(page, "b3")
+            seen["history"] = page.evaluate("() => window.__states")
+
+            card.locator("details.reasoning summary").click()  # the user opens it
+            seen["b1 opened"] = card.locator(".reasoning-text").inner_text()
+            page.screenshot(path=str(screenshot), full_page=True)
+        finally:
+            browser.close()
+    return seen
+
+
+async def test_reasoning_and_tool_calls_on_the_page(nursery: trio.Nursery, chromium: str, tmp_path: Path) -> None:
+    before_done = trio.Event()
+    scripted = ScriptedServer(page_script(before_done))
+    await nursery.start(scripted.serve)
+    page_file = tmp_path / "index.html"
+    page_file.write_bytes(chat_page(scripted.port, False))
+    screenshot = ARTIFACTS / "chat-page-reasoning.png"
+    screenshot.parent.mkdir(parents=True, exist_ok=True)
+    with trio.fail_after(120):
+        seen = await trio.to_thread.run_sync(drive_reasoning, chromium, f"{page_file.as_uri()}?ws={scripted.url}",
+                                             before_done, screenshot)
+    reasoning = "The user asks for the weather."
+    # While streaming: the reasoning collapsed above the answer, the calls built from their fragments.
+    assert seen["b1 before done"] == {
+        "state": "streaming", "text": "Checking.", "reasoningHidden": False, "reasoningOpen": False,
+        "summary": "Reasoning", "reasoning": reasoning, "toolsHidden": False, "tools": TOOLS_SHOWN}
+    assert seen["b1 done"] == {**seen["b1 before done"], "state": "done"}
+    assert seen["b1 opened"] == reasoning
+    # Calls that only `done` carries are shown too; an answer without either shows neither block.
+    assert seen["b2"]["tools"] == TOOLS_SHOWN and not seen["b2"]["toolsHidden"] and seen["b2"]["reasoningHidden"]
+    assert seen["b3"] == {"state": "done", "text": "plain hello", "reasoningHidden": True, "reasoningOpen": False,
+                          "summary": "Reasoning", "reasoning": "", "toolsHidden": True, "tools": []}
+    # The status went queued -> streaming at the first reasoning event, before any answer text.
+    states = [row[:2] for row in seen["history"]["b1"]]
+    assert ["queued (position 1)", 0] in states, states
+    streaming_at = states.index(["streaming", 0])
+    assert streaming_at > states.index(["queued (position 1)", 0])
+    assert not any("queued" in state for state, _ in states[streaming_at:]), states
+    assert screenshot.stat().st_size > 10_000
+
+
+def drive_end_to_end(chromium: str, page_url: str) -> dict[str, Any]:
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, headless=True, args=CHROMIUM_FLAGS)
+        try:
+            page = browser.new_page()
+            page.goto(page_url)
+            page.wait_for_selector("#status.connected", timeout=10_000)
+            page.fill("#prompt", "weather?")
+            page.click("#send")
+            page.wait_for_selector('.answer[data-id="b1"].state-done', timeout=10_000)
+            return card_info(page, "b1")
+        finally:
+            browser.close()
+
+
+async def test_end_to_end_reasoning_and_tool_calls(
+    start_gateway: StartGateway, upstream: FakeUpstream, chromium: str
+) -> None:
+    """Through the real gateway (its page and WebSocket) and the fake engine scripting reasoning and calls."""
+    upstream.script = engine_rich_script
+    server = await start_gateway(http_port=0)
+    assert server.http_url is not None
+    with trio.fail_after(120):
+        seen = await trio.to_thread.run_sync(drive_end_to_end, chromium, server.http_url + "/")
+    assert seen == {"state": "done", "text": "Checking.", "reasoningHidden": False, "reasoningOpen": False,
+                    "summary": "Reasoning", "reasoning": "The user asks for the weather.", "toolsHidden": False,
+                    "tools": TOOLS_SHOWN}

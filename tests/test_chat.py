@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import signal
 import sys
+from collections.abc import Sequence
 from typing import Any
 
 import pexpect
+import pytest
 import trio
 
 from trioai.fake_upstream import FakeUpstream, Script
 
 from .conftest import StartGateway
+from .test_client import USAGE, ScriptedServer, ScriptItem, engine_rich_script, rich_events
 
 
 def script(body: dict[str, Any]) -> Script:
@@ -95,3 +98,88 @@ async def test_once_exit_status_reflects_errors(start_gateway: StartGateway, ups
     status, output = await trio.to_thread.run_sync(run_once, dead, "hello")
     assert status == 1
     assert "cannot talk to" in output and "Traceback" not in output
+
+
+# --- Reasoning and tool calls, against a scripted server (tests/test_client.py's ScriptedServer). ------
+
+DIM = "\x1b[2m"
+RESET = "\x1b[0m"
+
+
+def rich_script(message: dict[str, Any]) -> Sequence[ScriptItem]:
+    last = message["messages"][-1]["content"]
+    if last == "weather?":
+        return rich_events()
+    if last == "think long":
+        return [{"type": "start", "model": "m"},
+                *[item for i in range(2000) for item in ({"type": "reasoning", "content": f"t{i} "}, 0.01)]]
+    return [{"type": "start", "model": "m"}, {"type": "token", "content": f"plain {last}"},
+            {"type": "done", "finish_reason": "stop", "usage": USAGE}]
+
+
+@pytest.fixture
+async def rich_server(nursery: trio.Nursery) -> ScriptedServer:
+    server = ScriptedServer(rich_script)
+    await nursery.start(server.serve)
+    return server
+
+
+def rich_session(url: str) -> list[str]:
+    child = spawn(url)
+    try:
+        child.expect_exact("you> ")
+        child.sendline("weather?")
+        # On a terminal: the thinking dimmed, then the answer, then the calls it ends with.
+        child.expect_exact(f"{DIM}The user asks for the weather.{RESET}\r\nChecking.\r\n"
+                           '→ get_weather({"city": "Paris"})\r\n→ get_time({"tz": "CET"})\r\n')
+        child.expect_exact("finish: tool_calls")
+        child.expect_exact("you> ")
+        child.sendline("hello")
+        child.expect_exact("plain hello")
+        plain = child.before
+        child.expect_exact("you> ")
+        child.sendline("think long")
+        child.expect_exact("t5 ")
+        child.kill(signal.SIGINT)  # cancelled mid-thought: the dim style is reset before the stats line
+        child.expect_exact(f"{RESET}\r\n\r\n{DIM}(cancelled){RESET}")
+        child.expect_exact("you> ")
+        child.sendeof()
+        child.expect(pexpect.EOF)
+    finally:
+        child.close()
+    return [str(child.exitstatus), plain]
+
+
+async def test_reasoning_dimmed_and_tool_calls_printed(rich_server: ScriptedServer) -> None:
+    with trio.fail_after(60):
+        status, plain = await trio.to_thread.run_sync(rich_session, rich_server.url)
+    assert status == "0"
+    assert "Reasoning" not in plain and "→" not in plain  # an old-style answer prints as before
+    turns = [event["messages"] for event in rich_server.received if event["type"] == "message"]
+    # The answer that ended with tool calls stays in the conversation as its text.
+    assert turns[1][:2] == [{"role": "user", "content": "weather?"}, {"role": "assistant", "content": "Checking."}]
+    assert any(event == {"type": "cancel", "id": "c3"} for event in rich_server.received)
+
+
+async def test_once_to_a_pipe_has_no_ansi_and_keeps_stdout_for_the_answer(rich_server: ScriptedServer) -> None:
+    result = await trio.run_process([sys.executable, "-m", "trioai", "chat", rich_server.url, "--once", "weather?"],
+                                    capture_stdout=True, capture_stderr=True, check=False)
+    stdout, stderr = result.stdout.decode(), result.stderr.decode()
+    assert result.returncode == 0, stderr
+    assert stdout == 'Checking.\n→ get_weather({"city": "Paris"})\n→ get_time({"tz": "CET"})\n'
+    assert stderr.startswith("The user asks for the weather.\n")  # the thinking: on stderr, like the stats
+    assert "finish: tool_calls" in stderr
+    assert "\x1b" not in stdout + stderr
+
+
+async def test_end_to_end_reasoning_and_tool_calls(start_gateway: StartGateway, upstream: FakeUpstream) -> None:
+    """Through the real gateway and the fake engine scripting a reasoning, tool-calling answer."""
+    upstream.script = engine_rich_script
+    server = await start_gateway()
+    result = await trio.run_process([sys.executable, "-m", "trioai", "chat", server.url, "--once", "weather?"],
+                                    capture_stdout=True, capture_stderr=True, check=False)
+    stdout, stderr = result.stdout.decode(), result.stderr.decode()
+    assert result.returncode == 0, stderr
+    assert stdout == 'Checking.\n→ get_weather({"city": "Paris"})\n→ get_time({"tz": "CET"})\n'
+    assert stderr.startswith("The user asks for the weather.\n")
+    assert "finish: tool_calls" in stderr

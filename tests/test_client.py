@@ -2,15 +2,27 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
+from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import pytest
 import trio
+from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest, serve_websocket
 
 import trioai.client
-from trioai.client import ConnectFailed, ConnectionLost, GenerationError
-from trioai.fake_upstream import FakeUpstream, Script
+from trioai.client import (
+    ConnectFailed,
+    ConnectionLost,
+    GenerationError,
+    ReasoningDelta,
+    TextDelta,
+    ToolCallDelta,
+)
+from trioai.fake_upstream import Delta, FakeUpstream, Script, ToolDelta
 
 from .conftest import StartGateway
 from .helpers import echo_tokens
@@ -137,3 +149,297 @@ async def test_connection_lost_mid_stream(start_gateway: StartGateway, upstream:
     ):
         with pytest.raises(ConnectionLost):
             await read_while_closing(stream, conn)
+
+
+# --- Against a scripted server: the chat-completions events of docs/protocol.md, exactly. -------------
+
+ScriptItem = dict[str, Any] | float | trio.Event
+"""What a scripted server does: send an event (its ``id`` filled in), sleep (seconds), or wait for an Event."""
+
+
+class ScriptedServer:
+    """A tiny WebSocket server on 127.0.0.1 that answers each ``message`` with the events ``script`` gives.
+
+    ``script(message)`` returns the items for that request; every received frame is kept in ``received``.
+    A ``cancel`` with an id stops that script and is answered ``cancelled``. Also used by
+    tests/test_chat.py and tests/test_browser.py.
+    """
+
+    def __init__(self, script: Callable[[dict[str, Any]], Sequence[ScriptItem]]) -> None:
+        self.script = script
+        self.received: list[dict[str, Any]] = []
+        self.port = 0
+        self._playing: dict[Any, trio.CancelScope] = {}
+
+    @property
+    def url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/ws/chat"
+
+    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            server = await nursery.start(partial(serve_websocket, self._handle, "127.0.0.1", 0, None,
+                                                 handler_nursery=nursery))
+            self.port = server.port
+            task_status.started()
+
+    async def _handle(self, request: WebSocketRequest) -> None:
+        subprotocol = "trioai.v1" if "trioai.v1" in request.proposed_subprotocols else None
+        ws = await request.accept(subprotocol=subprotocol)
+        async with trio.open_nursery() as nursery:
+            try:
+                while True:
+                    event = json.loads(await ws.get_message())
+                    self.received.append(event)
+                    if event.get("type") == "message":
+                        nursery.start_soon(self._play, ws, event)
+                    elif event.get("type") == "cancel" and event.get("id") in self._playing:
+                        self._playing.pop(event["id"]).cancel()
+                        await ws.send_message(json.dumps({"type": "cancelled", "id": event["id"]}))
+            except ConnectionClosed:
+                nursery.cancel_scope.cancel()
+
+    async def _play(self, ws: WebSocketConnection, message: dict[str, Any]) -> None:
+        with contextlib.suppress(ConnectionClosed), trio.CancelScope() as scope:
+            self._playing[message.get("id")] = scope
+            for item in self.script(message):
+                if isinstance(item, trio.Event):
+                    await item.wait()
+                elif isinstance(item, float | int):
+                    await trio.sleep(item)
+                else:
+                    await ws.send_message(json.dumps({**item, "id": message.get("id")}))
+            self._playing.pop(message.get("id"), None)
+
+
+@pytest.fixture
+async def scripted(nursery: trio.Nursery) -> ScriptedServer:
+    """A scripted server; set ``.script`` in the test."""
+    server = ScriptedServer(lambda message: [])
+    await nursery.start(server.serve)
+    return server
+
+
+USAGE = {"prompt_tokens": 12, "completion_tokens": 30, "total_tokens": 42, "source": "engine"}
+WEATHER = '{"city": "Paris"}'
+TIME = '{"tz": "CET"}'
+DONE_TOOL_CALLS = {"type": "done", "finish_reason": "tool_calls", "usage": USAGE, "ttft_ms": 41.3,
+                   "tokens_per_s": 88.2,
+                   "tool_calls": [{"call_id": "call_7f3", "name": "get_weather", "arguments": WEATHER},
+                                  {"call_id": "call_8a1", "name": "get_time", "arguments": TIME}]}
+
+
+def rich_events() -> list[dict[str, Any]]:
+    """A reasoning model that thinks, says a word and calls two functions, fragments interleaved."""
+    return [
+        {"type": "start", "model": "qwen3"},
+        {"type": "reasoning", "content": "The user asks for"},
+        {"type": "reasoning", "content": " the weather."},
+        {"type": "token", "content": "Checking"},
+        {"type": "token", "content": "."},
+        {"type": "tool_call", "index": 0, "call_id": "call_7f3", "name": "get_weather", "arguments": '{"city": '},
+        {"type": "tool_call", "index": 1, "call_id": "call_8a1", "name": "get_time", "arguments": '{"tz"'},
+        {"type": "tool_call", "index": 0, "arguments": '"Paris"}'},
+        {"type": "tool_call", "index": 1, "arguments": ': "CET"}'},
+        DONE_TOOL_CALLS,
+    ]
+
+
+async def test_generate_passes_chat_fields_through(scripted: ScriptedServer) -> None:
+    scripted.script = lambda message: [{"type": "start", "model": "m"}, {"type": "token", "content": "ok"},
+                                       {"type": "done", "finish_reason": "stop", "usage": USAGE}]
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+    fields: dict[str, Any] = {
+        "tools": tools, "tool_choice": {"type": "function", "function": {"name": "get_weather"}},
+        "parallel_tool_calls": False, "response_format": {"type": "json_object"}, "logprobs": True,
+        "top_logprobs": 2, "reasoning_effort": "low", "seed": 7, "stop": ["\n\n"],
+    }
+    async with trioai.client.connect(scripted.url) as conn:
+        async with conn.generate(user("hi"), max_tokens=9, **fields) as stream:
+            assert await stream.text() == "ok"
+        with pytest.raises(TypeError, match="id"):
+            async with conn.generate(user("hi"), id="mine"):
+                pass
+    [message] = [event for event in scripted.received if event["type"] == "message"]
+    assert message == {"type": "message", "id": stream.id, "messages": user("hi"), "max_tokens": 9, **fields}
+
+
+async def test_reasoning_tool_calls_and_typed_events(scripted: ScriptedServer) -> None:
+    """Every event arrives before the stream is read: consecutive pieces of a kind come out joined."""
+    scripted.script = lambda message: rich_events()
+    async with trioai.client.connect(scripted.url) as conn, conn.generate(user("weather?")) as stream:
+        with trio.fail_after(5):
+            while not stream.finished:
+                await trio.sleep(0.005)
+        # Readable before a single event is consumed: the stream keeps its running state itself.
+        assert stream.reasoning == "The user asks for the weather."
+        events = [event async for event in stream.events()]
+    assert events == [
+        ReasoningDelta("The user asks for the weather."),
+        TextDelta("Checking."),
+        ToolCallDelta(0, '{"city": ', "call_7f3", "get_weather"),
+        ToolCallDelta(1, '{"tz"', "call_8a1", "get_time"),
+        ToolCallDelta(0, '"Paris"}'),
+        ToolCallDelta(1, ': "CET"}'),
+    ]
+    assert stream.tool_calls == DONE_TOOL_CALLS["tool_calls"]
+    assert stream.finish_reason == "tool_calls" and stream.usage == USAGE and stream.model == "qwen3"
+    assert stream.logprobs == []  # not asked for
+    assert not stream.cancelled
+
+
+async def test_tool_calls_assemble_from_fragments_while_streaming(scripted: ScriptedServer) -> None:
+    before_done = trio.Event()
+    scripted.script = lambda message: [*rich_events()[:-1], before_done, DONE_TOOL_CALLS]
+    async with trioai.client.connect(scripted.url) as conn, conn.generate(user("weather?")) as stream:
+        with trio.fail_after(5):
+            while len(stream.tool_calls) < 2 or stream.tool_calls[1]["arguments"] != TIME:
+                await trio.sleep(0.005)
+        assert stream.tool_calls == [{"call_id": "call_7f3", "name": "get_weather", "arguments": WEATHER},
+                                     {"call_id": "call_8a1", "name": "get_time", "arguments": TIME}]
+        assert not stream.finished and stream.finish_reason is None
+        before_done.set()
+        # Plain iteration still gives only the answer text: reasoning and calls are skipped.
+        assert [text async for text in stream] == ["Checking."]
+    assert stream.reasoning == "The user asks for the weather."
+    assert stream.tool_calls == DONE_TOOL_CALLS["tool_calls"]
+
+
+async def test_done_tool_calls_replace_the_fragments(scripted: ScriptedServer) -> None:
+    """``done`` is authoritative: a client that missed or misjoined fragments still gets the whole calls."""
+    final = [{"call_id": "call_1", "name": "lookup", "arguments": '{"q": "trio"}'}]
+    scripted.script = lambda message: [
+        {"type": "start", "model": "m"},
+        {"type": "tool_call", "index": 0, "call_id": "call_1", "name": "lookup", "arguments": '{"q": "tr'},
+        {"type": "done", "finish_reason": "tool_calls", "usage": USAGE, "tool_calls": final},
+    ]
+    async with trioai.client.connect(scripted.url) as conn, conn.generate(user("q")) as stream:
+        assert await stream.text() == ""
+    assert stream.tool_calls == final
+    assert stream.finish_reason == "tool_calls"
+
+
+async def test_events_in_order_as_they_stream(scripted: ScriptedServer) -> None:
+    """Read live, one event at a time (no two consecutive events could be joined), in wire order."""
+    scripted.script = lambda message: [
+        {"type": "start", "model": "m"}, 0.01,
+        {"type": "reasoning", "content": "think "}, 0.01,
+        {"type": "token", "content": "say "}, 0.01,
+        {"type": "reasoning", "content": "again "}, 0.01,
+        {"type": "tool_call", "index": 0, "call_id": "c0", "name": "f", "arguments": "{}"}, 0.01,
+        {"type": "token", "content": "end"}, 0.01,
+        {"type": "done", "finish_reason": "stop", "usage": USAGE},
+    ]
+    seen: list[trioai.client.Event] = []
+    reasoning_seen: list[str] = []
+    async with trioai.client.connect(scripted.url) as conn, conn.generate(user("x")) as stream:
+        async for event in stream.events():
+            seen.append(event)
+            reasoning_seen.append(stream.reasoning)
+    assert seen == [ReasoningDelta("think "), TextDelta("say "), ReasoningDelta("again "),
+                    ToolCallDelta(0, "{}", "c0", "f"), TextDelta("end")]
+    assert reasoning_seen[0] == "think "  # the running state is there while the events stream
+    assert stream.reasoning == "think again "
+    assert stream.tool_calls == [{"call_id": "c0", "name": "f", "arguments": "{}"}]  # no done.tool_calls: fragments
+
+
+async def test_logprobs_per_token(scripted: ScriptedServer) -> None:
+    entry_a = {"token": "Hel", "logprob": -0.1, "bytes": [72, 101, 108], "top_logprobs": []}
+    entry_b = {"token": "lo", "logprob": None, "bytes": [108, 111], "top_logprobs": []}
+    scripted.script = lambda message: [
+        {"type": "start", "model": "m"},
+        {"type": "token", "content": "Hel", "logprobs": [entry_a]}, 0.02,
+        {"type": "token", "content": "lo", "logprobs": [entry_b]},
+        {"type": "done", "finish_reason": "stop", "usage": USAGE},
+    ]
+    async with trioai.client.connect(scripted.url) as conn, conn.generate(user("x"), logprobs=True) as stream:
+        events = [event async for event in stream.events()]
+    assert "".join(e.text for e in events if isinstance(e, TextDelta)) == "Hello"
+    assert [entry for e in events if isinstance(e, TextDelta) for entry in e.logprobs] == [entry_a, entry_b]
+    assert stream.logprobs == [entry_a, entry_b]
+
+
+async def test_old_style_stream_is_unchanged(scripted: ScriptedServer) -> None:
+    """A server that never sends the new events: text, usage and the rest as before; the new fields empty."""
+    old: list[ScriptItem] = [{"type": "start", "model": "m"}, {"type": "queued", "position": 1}, 0.01,
+           {"type": "token", "content": "Hel"}, {"type": "token", "content": "lo"},
+           {"type": "done", "finish_reason": "stop", "usage": USAGE, "ttft_ms": 3.0, "tokens_per_s": None}]
+    scripted.script = lambda message: old
+    async with trioai.client.connect(scripted.url) as conn:
+        async with conn.generate(user("x")) as stream:
+            assert await stream.text() == "Hello"
+        assert (stream.finish_reason, stream.usage, stream.ttft_ms) == ("stop", USAGE, 3.0)
+        assert (stream.reasoning, stream.tool_calls, stream.logprobs) == ("", [], [])
+        async with conn.generate(user("x")) as typed:
+            assert "".join([e.text async for e in typed.events() if isinstance(e, TextDelta)]) == "Hello"
+        assert typed.finish_reason == "stop" and typed.tool_calls == []
+
+
+async def test_events_raise_generation_error(scripted: ScriptedServer) -> None:
+    scripted.script = lambda message: [
+        {"type": "start", "model": "m"}, {"type": "reasoning", "content": "hm"},
+        {"type": "error", "code": "upstream_error", "message": "the engine reported an error"},
+    ]
+    seen: list[trioai.client.Event] = []
+    streams: list[trioai.client.Stream] = []
+
+    async def read(conn: trioai.client.Connection) -> None:
+        async with conn.generate(user("x")) as stream:
+            streams.append(stream)
+            async for event in stream.events():
+                seen.append(event)
+
+    async with trioai.client.connect(scripted.url) as conn:
+        with pytest.raises(GenerationError) as caught:
+            await read(conn)
+    assert caught.value.code == "upstream_error"
+    assert seen == [ReasoningDelta("hm")] and streams[0].reasoning == "hm"
+
+
+# --- End to end: the real gateway in front of the fake engine scripting reasoning and tool calls. ------
+
+WEATHER_TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}},
+                 {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object"}}}]
+
+
+def engine_rich_script(body: dict[str, Any]) -> Script:
+    """The fake engine's version of rich_events(): think, say a word, call two functions."""
+    return Script(deltas=(
+        Delta(reasoning="The user asks for"), Delta(reasoning=" the weather."), Delta(content="Checking."),
+        ToolDelta(0, None, "call_7f3", "get_weather"), ToolDelta(0, '{"city": '),
+        ToolDelta(1, None, "call_8a1", "get_time"), ToolDelta(0, '"Paris"}'), ToolDelta(1, '{"tz": "CET"}'),
+    ), finish_reason="tool_calls", delay=0.005)
+
+
+async def test_end_to_end_reasoning_and_tool_calls(start_gateway: StartGateway, upstream: FakeUpstream) -> None:
+    upstream.script = engine_rich_script
+    server = await start_gateway()
+    async with (
+        trioai.client.connect(server.url) as conn,
+        conn.generate(user("weather?"), max_tokens=50, tools=WEATHER_TOOLS, tool_choice="auto") as stream,
+    ):
+        events = [event async for event in stream.events()]
+    kinds = [type(event) for event in events]
+    assert [kind for i, kind in enumerate(kinds) if i == 0 or kind is not kinds[i - 1]] == [
+        ReasoningDelta, TextDelta, ToolCallDelta]
+    assert "".join(e.text for e in events if isinstance(e, ReasoningDelta)) == stream.reasoning
+    assert stream.reasoning == "The user asks for the weather."
+    assert "".join(e.text for e in events if isinstance(e, TextDelta)) == "Checking."
+    assert stream.tool_calls == DONE_TOOL_CALLS["tool_calls"]
+    for index, call in enumerate(stream.tool_calls):  # the fragments give the same calls as done
+        assert "".join(e.arguments for e in events if isinstance(e, ToolCallDelta) and e.index == index) \
+            == call["arguments"]
+    assert stream.finish_reason == "tool_calls"
+    assert upstream.requests[0].body["tools"] == WEATHER_TOOLS
+    assert upstream.requests[0].body["tool_choice"] == "auto"
+
+
+async def test_end_to_end_logprobs(start_gateway: StartGateway, upstream: FakeUpstream) -> None:
+    upstream.script = lambda body: Script(tokens=("Hel", "lo"))
+    server = await start_gateway()
+    async with (
+        trioai.client.connect(server.url) as conn,
+        conn.generate(user("x"), max_tokens=5, logprobs=True, top_logprobs=1) as stream,
+    ):
+        assert await stream.text() == "Hello"
+    assert [entry["token"] for entry in stream.logprobs] == ["Hel", "lo"]
+    assert all(len(entry["top_logprobs"]) == 1 for entry in stream.logprobs)

@@ -13,11 +13,27 @@
 
     trio.run(main)
 
+Chat-completion fields go through as keywords: ``conn.generate(messages, max_tokens=256,
+tools=[...], tool_choice="auto", response_format={...}, logprobs=True)``. Iterating a stream gives
+only answer text; the rest accumulates on it as it arrives: ``stream.reasoning`` (a reasoning
+model's thinking), ``stream.tool_calls`` (``[{"call_id", "name", "arguments"}]``, assembled from
+the ``tool_call`` fragments, then replaced by ``done``'s whole calls) and ``stream.logprobs``.
+An app that wants everything in order reads typed events instead::
+
+    async for event in stream.events():
+        match event:
+            case trioai.client.ReasoningDelta(text=text): ...
+            case trioai.client.TextDelta(text=text): ...
+            case trioai.client.ToolCallDelta(index=i, name=name, arguments=arguments): ...
+
+Use one or the other on a stream: both consume the same events. Servers that never send
+``reasoning`` or ``tool_call`` events just leave those empty.
+
 One reader task per connection routes events to their stream by id. A stream never makes the
-reader wait: text that arrives before it is read is joined in order (as the server does for slow
-clients), so one slow consumer does not hold up the others. ``error`` events raise
-:class:`GenerationError` from the iteration; a ``cancel`` ends it quietly with
-``stream.cancelled`` set.
+reader wait: events that arrive before they are read are joined in order, consecutive ones of the
+same kind (as the server does for slow clients), so one slow consumer does not hold up the others.
+``error`` events raise :class:`GenerationError` from the iteration; a ``cancel`` ends it quietly
+with ``stream.cancelled`` set.
 """
 
 from __future__ import annotations
@@ -26,7 +42,8 @@ import itertools
 import json
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, TypeAlias
 
 import trio
 from trio_websocket import (
@@ -40,6 +57,72 @@ from trio_websocket import (
 from .auth import SUBPROTOCOL
 
 TERMINAL = frozenset({"done", "cancelled", "error"})
+RESERVED_FIELDS = frozenset({"type", "id", "messages"})
+
+
+@dataclass(frozen=True)
+class TextDelta:
+    """A piece of the answer (``token``); ``logprobs`` holds its entries when the request asked for them."""
+
+    text: str
+    logprobs: tuple[dict[str, Any], ...] = ()
+
+
+@dataclass(frozen=True)
+class ReasoningDelta:
+    """A piece of a reasoning model's thinking (``reasoning``), apart from the answer."""
+
+    text: str
+
+
+@dataclass(frozen=True)
+class ToolCallDelta:
+    """A fragment of the function call at ``index`` (``tool_call``).
+
+    The first fragment of a call carries ``call_id`` and ``name``; ``arguments`` is a piece of the
+    JSON text of its arguments, to concatenate in order per ``index`` (``stream.tool_calls`` does).
+    """
+
+    index: int
+    arguments: str
+    call_id: str | None = None
+    name: str | None = None
+
+
+Event: TypeAlias = TextDelta | ReasoningDelta | ToolCallDelta
+
+
+def _join(last: Event, new: Event) -> Event | None:
+    """``last`` and ``new`` as one event, if they are consecutive pieces of the same thing."""
+    if isinstance(last, TextDelta) and isinstance(new, TextDelta):
+        return TextDelta(last.text + new.text, last.logprobs + new.logprobs)
+    if isinstance(last, ReasoningDelta) and isinstance(new, ReasoningDelta):
+        return ReasoningDelta(last.text + new.text)
+    if (isinstance(last, ToolCallDelta) and isinstance(new, ToolCallDelta) and last.index == new.index
+            and new.call_id is None and new.name is None):
+        return ToolCallDelta(last.index, last.arguments + new.arguments, last.call_id, last.name)
+    return None
+
+
+def _parse(event: dict[str, Any]) -> Event | None:
+    """The typed event of a ``token``, ``reasoning`` or ``tool_call`` frame (None for other kinds)."""
+    kind = event.get("type")
+    if kind == "token":
+        logprobs = event.get("logprobs")
+        entries = tuple(e for e in logprobs if isinstance(e, dict)) if isinstance(logprobs, list) else ()
+        return TextDelta(str(event.get("content", "")), entries)
+    if kind == "reasoning":
+        return ReasoningDelta(str(event.get("content", "")))
+    if kind == "tool_call":
+        index = event.get("index")
+        call_id, name = event.get("call_id"), event.get("name")
+        return ToolCallDelta(
+            index if isinstance(index, int) and not isinstance(index, bool) else 0,
+            str(event.get("arguments") or ""),
+            str(call_id) if call_id is not None else None,
+            str(name) if name is not None else None,
+        )
+    return None
 
 
 class ClientError(Exception):
@@ -70,12 +153,17 @@ class ConnectionLost(ClientError):
 
 
 class Stream:
-    """One generation: iterate for text; after the end, read ``usage``, ``finish_reason`` and timings."""
+    """One generation: iterate for text (or :meth:`events`); after the end, read ``usage``,
+    ``finish_reason``, ``tool_calls`` and timings."""
 
     def __init__(self, conn: Connection, request_id: str) -> None:
         self.id = request_id
         self._conn = conn
-        self._text: list[str] = []
+        self._pending: list[Event] = []  # arrived, not yet read; consecutive pieces of a kind joined
+        self._reasoning: list[str] = []
+        self._calls: dict[int, dict[str, Any]] = {}  # index -> {"call_id", "name", "arguments": [pieces]}
+        self._final_calls: list[dict[str, Any]] | None = None
+        self.logprobs: list[dict[str, Any]] = []  # every token's logprobs entries so far (when asked)
         self._changed = trio.Event()
         self._end: dict[str, Any] | None = None
         self.model: str | None = None
@@ -88,8 +176,14 @@ class Stream:
 
     def _deliver(self, event: dict[str, Any]) -> None:
         kind = event.get("type")
-        if kind == "token":
-            self._text.append(str(event.get("content", "")))
+        delta = _parse(event)
+        if delta is not None:
+            self._record(delta)
+            joined = _join(self._pending[-1], delta) if self._pending else None
+            if joined is None:
+                self._pending.append(delta)
+            else:
+                self._pending[-1] = joined
         elif kind == "start":
             self.model = event.get("model")
             self.queue_position = None
@@ -102,9 +196,48 @@ class Stream:
                 self.usage = event.get("usage")
                 self.ttft_ms = event.get("ttft_ms")
                 self.tokens_per_s = event.get("tokens_per_s")
+                calls = event.get("tool_calls")
+                if isinstance(calls, list):
+                    self._final_calls = [
+                        {"call_id": c.get("call_id"), "name": c.get("name"), "arguments": c.get("arguments", "")}
+                        for c in calls if isinstance(c, dict)
+                    ]
             self.cancelled = kind == "cancelled"
         self._changed.set()
         self._changed = trio.Event()
+
+    def _record(self, delta: Event) -> None:
+        """Add a delta to the stream's running state (read or not)."""
+        if isinstance(delta, TextDelta):
+            self.logprobs.extend(delta.logprobs)
+        elif isinstance(delta, ReasoningDelta):
+            self._reasoning.append(delta.text)
+        else:
+            call = self._calls.setdefault(delta.index, {"call_id": None, "name": None, "arguments": []})
+            if delta.call_id is not None:
+                call["call_id"] = delta.call_id
+            if delta.name is not None:
+                call["name"] = delta.name
+            call["arguments"].append(delta.arguments)
+
+    @property
+    def reasoning(self) -> str:
+        """The reasoning text received so far (empty from a model or server without it)."""
+        if len(self._reasoning) > 1:
+            self._reasoning[:] = ["".join(self._reasoning)]
+        return self._reasoning[0] if self._reasoning else ""
+
+    @property
+    def tool_calls(self) -> list[dict[str, Any]]:
+        """The function calls so far, ``[{"call_id", "name", "arguments"}]`` in index order.
+
+        Assembled from the ``tool_call`` fragments while the answer streams (``arguments`` may be
+        incomplete JSON then); once ``done`` arrives, its whole calls. Empty when the model called none.
+        """
+        if self._final_calls is not None:
+            return [dict(call) for call in self._final_calls]
+        return [{"call_id": call["call_id"], "name": call["name"], "arguments": "".join(call["arguments"])}
+                for _, call in sorted(self._calls.items())]
 
     def _lost(self) -> None:
         if self._end is None:
@@ -120,11 +253,28 @@ class Stream:
         return self
 
     async def __anext__(self) -> str:
+        """The answer text that arrived since the last call (reasoning and tool calls skipped)."""
         while True:
-            if self._text:
-                text = "".join(self._text)
-                self._text.clear()
-                return text
+            texts = [delta.text for delta in self._pending if isinstance(delta, TextDelta)]
+            self._pending.clear()
+            if texts:
+                return "".join(texts)
+            if self._end is not None:
+                self._finish(self._end)
+                raise StopAsyncIteration
+            await self._changed.wait()
+
+    def events(self) -> AsyncIterator[Event]:
+        """The generation's :class:`TextDelta`, :class:`ReasoningDelta` and :class:`ToolCallDelta`
+        events, in the order the server sent them (consecutive ones of the same kind, and the same
+        call, joined if they arrived before being read). Ends, or raises, as iterating the stream does.
+        """
+        return _Events(self)
+
+    async def _next_event(self) -> Event:
+        while True:
+            if self._pending:
+                return self._pending.pop(0)
             if self._end is not None:
                 self._finish(self._end)
                 raise StopAsyncIteration
@@ -150,6 +300,19 @@ class Stream:
             await self._conn._send({"type": "cancel", "id": self.id})
 
 
+class _Events:
+    """The iterator of :meth:`Stream.events` (a class, not an async generator: nothing to finalize)."""
+
+    def __init__(self, stream: Stream) -> None:
+        self._stream = stream
+
+    def __aiter__(self) -> _Events:
+        return self
+
+    async def __anext__(self) -> Event:
+        return await self._stream._next_event()
+
+
 class Connection:
     """An open connection to ``/ws/chat``; use :func:`connect`."""
 
@@ -166,12 +329,20 @@ class Connection:
 
     @asynccontextmanager
     async def generate(
-        self, messages: Sequence[dict[str, Any]], *, max_tokens: int | None = None, **sampling: Any
+        self, messages: Sequence[dict[str, Any]], *, max_tokens: int | None = None, **fields: Any
     ) -> AsyncIterator[Stream]:
-        """Start a generation; leaving the block early cancels it on the server."""
+        """Start a generation; leaving the block early cancels it on the server.
+
+        ``fields`` go into the ``message`` as they are: sampling (``temperature``, ``stop``, ``seed``,
+        …) and chat fields (``tools``, ``tool_choice``, ``parallel_tool_calls``, ``response_format``,
+        ``logprobs``, ``top_logprobs``, ``reasoning_effort``, …); the server checks them.
+        """
+        reserved = RESERVED_FIELDS.intersection(fields)
+        if reserved:
+            raise TypeError(f"generate() sets {', '.join(sorted(reserved))} itself")
         stream = Stream(self, f"c{next(self._ids)}")
         self._streams[stream.id] = stream
-        event: dict[str, Any] = {"type": "message", "id": stream.id, "messages": list(messages), **sampling}
+        event: dict[str, Any] = {"type": "message", "id": stream.id, "messages": list(messages), **fields}
         if max_tokens is not None:
             event["max_tokens"] = max_tokens
         try:
