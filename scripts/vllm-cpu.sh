@@ -19,6 +19,14 @@ pid_file="$cache/vllm.pid"
 port_file="$cache/vllm.port"
 log_file="$cache/vllm.log"
 model_name="gemma3-270m"
+# Tool calling: vLLM 0.32 answers a named or "required" tool_choice with 400 unless it runs with both
+# --enable-auto-tool-choice and a --tool-call-parser. Gemma 3's chat template has no tool syntax (the
+# tools are not even rendered into the prompt); Gemma's documented convention is Python-style calls,
+# hence `pythonic`. It has no structural tag, so vLLM constrains a named or "required" call with the
+# tools' JSON Schemas and the arguments stream as schema-shaped JSON in delta.tool_calls. `hermes`
+# constrains only its <tool_call> envelope: the base model then fills the arguments with anything.
+# TRIOAI_VLLM_TOOL_PARSER picks another parser (for trying one).
+tool_parser="${TRIOAI_VLLM_TOOL_PARSER:-pythonic}"
 python="${PYTHON:-python3}"
 
 setup() {
@@ -51,6 +59,7 @@ start() {
         HF_HUB_OFFLINE=1 VLLM_CPU_KVCACHE_SPACE=1 setsid "$venv/bin/python" -m vllm.entrypoints.openai.api_server \
             --model "$model_dir" --served-model-name "$model_name" \
             --max-model-len 2048 --dtype bfloat16 \
+            --enable-auto-tool-choice --tool-call-parser "$tool_parser" \
             --host 127.0.0.1 --port "$port" >"$log_file" 2>&1 < /dev/null &
         echo $! > "$pid_file"
         echo "$port" > "$port_file"

@@ -11,6 +11,8 @@ generation in the engine, not only in trioai.
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import re
 from typing import Any
@@ -190,3 +192,187 @@ async def test_client_disconnect_mid_stream_aborts_the_vllm_request(
     # The socket is closed: both generations must end in the engine.
     await wait_engine_idle(vllm_url, timeout=5.0)
     await assert_generation_stopped(vllm_url)
+
+
+# --- The chat-completions surface: structured output, logprobs, tool calls --------------------------
+#
+# A base model follows no format of its own accord; these prompts ask for the very text the grammar
+# allows, so greedy decoding ends well inside max_tokens (~20-30 tokens) instead of wandering.
+
+PERSON_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
+    "required": ["name", "age"],
+}
+WEATHER_PARAMETERS: dict[str, Any] = {
+    "type": "object",
+    "properties": {"city": {"type": "string"}, "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]}},
+    "required": ["city", "unit"],
+}
+TOOLS = [
+    {"type": "function", "function": {"name": "get_weather", "description": "The current weather in a city",
+                                      "parameters": WEATHER_PARAMETERS}},
+    {"type": "function", "function": {"name": "get_time", "description": "The local time in a city",
+                                      "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                                                     "required": ["city"]}}},
+]
+TOOL_PROMPT = ('Reply with exactly this JSON: [{"name": "get_weather", "parameters": '
+               '{"city": "Paris", "unit": "celsius"}}]')
+# vLLM ends a call forced by name with "stop" (as OpenAI does), a "required" one with "tool_calls".
+TOOL_CHOICES = {
+    "named": ({"type": "function", "function": {"name": "get_weather"}}, "stop"),
+    "required": ("required", "tool_calls"),
+}
+
+
+def schema_errors(value: Any, schema: dict[str, Any], path: str = "$") -> list[str]:
+    """Where ``value`` breaks ``schema`` (the few JSON Schema keywords these tests use)."""
+    types: dict[str, Any] = {"object": dict, "array": list, "string": str, "boolean": bool, "null": type(None)}
+    kind = schema.get("type")
+    if kind == "integer":
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif kind == "number":
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    else:
+        ok = kind is None or isinstance(value, types[kind])
+    if not ok:
+        return [f"{path}: {value!r} is not of type {kind}"]
+    errors = []
+    if "enum" in schema and value not in schema["enum"]:
+        errors.append(f"{path}: {value!r} is not one of {schema['enum']}")
+    if isinstance(value, dict):
+        errors += [f"{path}: missing {key!r}" for key in schema.get("required", []) if key not in value]
+        for key, sub in schema.get("properties", {}).items():
+            if key in value:
+                errors += schema_errors(value[key], sub, f"{path}.{key}")
+    return errors
+
+
+async def served_model(vllm_url: str) -> str:
+    async with httpx.AsyncClient(timeout=10.0) as client:
+        response = await client.get(vllm_url + "/models")
+    response.raise_for_status()
+    model: str = response.json()["data"][0]["id"]
+    return model
+
+
+async def vllm_stream(vllm_url: str, body: dict[str, Any]) -> dict[str, Any]:
+    """One streamed chat completion read straight from vLLM: content, tool calls by index, finish."""
+    request = {"model": await served_model(vllm_url), **body, "stream": True,
+               "stream_options": {"include_usage": True}}
+    content, finish_reason, usage = "", None, None
+    calls: dict[int, dict[str, str]] = {}
+    async with (
+        httpx.AsyncClient(timeout=120.0) as client,
+        client.stream("POST", vllm_url + "/chat/completions", json=request) as response,
+    ):
+        if response.status_code != 200:
+            await response.aread()
+            pytest.fail(f"vLLM answered {response.status_code}: {response.text}")
+        async for line in response.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line.removeprefix("data: "))
+            usage = chunk.get("usage") or usage
+            for choice in chunk.get("choices", []):
+                delta = choice.get("delta") or {}
+                content += delta.get("content") or ""
+                for fragment in delta.get("tool_calls") or []:
+                    call = calls.setdefault(fragment["index"], {"call_id": "", "name": "", "arguments": ""})
+                    call["call_id"] += fragment.get("id") or ""
+                    function = fragment.get("function") or {}
+                    call["name"] += function.get("name") or ""
+                    call["arguments"] += function.get("arguments") or ""
+                finish_reason = choice.get("finish_reason") or finish_reason
+    return {"content": content, "calls": calls, "finish_reason": finish_reason, "usage": usage}
+
+
+def finite_or_null(logprob: Any) -> bool:
+    return logprob is None or (isinstance(logprob, float) and math.isfinite(logprob))
+
+
+async def test_response_format_json_schema_gives_json_of_the_schema(vllm_gateway: RunningServer) -> None:
+    response_format = {"type": "json_schema",
+                       "json_schema": {"name": "person", "schema": PERSON_SCHEMA, "strict": True}}
+    async with open_websocket_url(vllm_gateway.url) as ws:
+        await send(ws, chat('Reply with exactly this JSON: {"name": "Ada", "age": 36}', max_tokens=48, id="json",
+                            temperature=0, seed=7, response_format=response_format))
+        events = (await collect_until_terminal(ws, {"json"}))["json"]
+    done = events[-1]
+    assert done["type"] == "done", done
+    assert done["finish_reason"] == "stop", done  # the grammar closed the object: not cut off
+    text = text_of(events)
+    value = json.loads(text)
+    assert schema_errors(value, PERSON_SCHEMA) == [], text
+
+
+async def test_logprobs_on_every_token_event_one_entry_per_token(vllm_gateway: RunningServer) -> None:
+    async with open_websocket_url(vllm_gateway.url) as ws:
+        await send(ws, chat(PROMPT, max_tokens=12, id="lp", temperature=0, seed=7, logprobs=True, top_logprobs=2))
+        events = (await collect_until_terminal(ws, {"lp"}))["lp"]
+    done = events[-1]
+    assert done["type"] == "done", done
+    tokens = [e for e in events if e["type"] == "token"]
+    assert tokens
+    entries = []
+    for event in tokens:
+        assert isinstance(event.get("logprobs"), list), event
+        entries += event["logprobs"]
+    assert len(entries) == done["usage"]["completion_tokens"], (len(entries), done["usage"])
+    for entry in entries:
+        assert isinstance(entry["token"], str), entry
+        assert finite_or_null(entry["logprob"]), entry
+        assert 1 <= len(entry["top_logprobs"]) <= 2, entry
+        for alternative in entry["top_logprobs"]:
+            assert finite_or_null(alternative["logprob"]), alternative
+    # The entries' bytes spell exactly the streamed text.
+    assert b"".join(bytes(entry["bytes"] or b"") for entry in entries).decode() == text_of(events)
+
+
+@pytest.mark.parametrize("choice", sorted(TOOL_CHOICES))
+async def test_tool_calls_through_trioai_match_vllm_itself(
+    vllm_gateway: RunningServer, vllm_url: str, choice: str
+) -> None:
+    tool_choice, expected_finish = TOOL_CHOICES[choice]
+    body: dict[str, Any] = {"messages": [{"role": "user", "content": TOOL_PROMPT}], "max_tokens": 48,
+                            "temperature": 0, "seed": 7, "tools": TOOLS, "tool_choice": tool_choice}
+    # vLLM itself: the reference.
+    direct = await vllm_stream(vllm_url, body)
+    assert direct["finish_reason"] == expected_finish, direct
+    assert [call["name"] for call in direct["calls"].values()] == ["get_weather"], direct
+    # The server's tool-call parser (scripts/vllm-cpu.sh) makes vLLM hold the arguments to the schema.
+    arguments = json.loads(direct["calls"][0]["arguments"])
+    assert schema_errors(arguments, WEATHER_PARAMETERS) == [], direct
+
+    # The same request through trioai.
+    async with open_websocket_url(vllm_gateway.url) as ws:
+        await send(ws, {"type": "message", "id": "tc", **body})
+        events = (await collect_until_terminal(ws, {"tc"}))["tc"]
+    done = events[-1]
+    assert done["type"] == "done", done
+    streamed: dict[int, dict[str, str]] = {}
+    for event in events:
+        if event["type"] != "tool_call":
+            continue
+        index = event["index"]
+        if index not in streamed:
+            assert event.get("call_id") and event.get("name"), f"a call's first fragment lacks id or name: {event}"
+            streamed[index] = {"call_id": event["call_id"], "name": event["name"], "arguments": ""}
+        else:
+            assert "name" not in event and "call_id" not in event, f"a later fragment repeats id or name: {event}"
+        streamed[index]["arguments"] += event.get("arguments", "")
+    whole = done.get("tool_calls")
+    assert isinstance(whole, list), done
+
+    def shape(calls: list[dict[str, str]]) -> list[tuple[str, str]]:
+        return [(call["name"], call["arguments"]) for call in calls]
+
+    by_index = [streamed[i] for i in sorted(streamed)]
+    assert sorted(streamed) == list(range(len(streamed))), sorted(streamed)
+    # The two views trioai gives agree, call ids included ...
+    assert [call["call_id"] for call in whole] == [call["call_id"] for call in by_index]
+    assert shape(whole) == shape(by_index)
+    # ... and match what vLLM streamed (ids are vLLM's random ones: compared by name and arguments).
+    assert shape(by_index) == shape([direct["calls"][i] for i in sorted(direct["calls"])])
+    assert text_of(events) == direct["content"]
+    assert done["finish_reason"] == direct["finish_reason"]
