@@ -30,10 +30,16 @@ async def send(ws: WebSocketConnection, event: dict[str, Any]) -> None:
     await ws.send_message(json.dumps(event))
 
 
-async def recv(ws: WebSocketConnection, timeout: float = 10.0) -> dict[str, Any]:
-    """Receive one JSON event (fails the test after ``timeout`` seconds)."""
+async def recv(ws: WebSocketConnection, timeout: float = 10.0, *, keep_seq: bool = False) -> dict[str, Any]:
+    """Receive one JSON event (fails the test after ``timeout`` seconds).
+
+    A generation's events carry ``seq``; it is dropped unless ``keep_seq``, so that tests written
+    for the events as old clients see them compare whole events (``seq`` has tests of its own).
+    """
     with trio.fail_after(timeout):
         event: dict[str, Any] = json.loads(await ws.get_message())
+    if not keep_seq:
+        event.pop("seq", None)
     return event
 
 

@@ -263,3 +263,58 @@ def test_token_fast_path_matches_the_generic_encoder(content: str, request_id: s
 def test_token_content_with_json_special_characters() -> None:
     content = 'quote " backslash \\ newline \n tab \t nul \x00 emoji 🦜 and ü'
     assert json.loads(encode_token(encode_id("a"), content))["content"] == content
+
+
+# --- max_completion_tokens and n (parsed by protocol.py; the other chat fields: test_chatfields.py) ---
+
+
+@pytest.mark.parametrize(("fields", "max_tokens"), [
+    ({"max_completion_tokens": 50}, 50),
+    ({"max_tokens": 7, "max_completion_tokens": 7}, 7),
+    ({"max_tokens": 7, "max_completion_tokens": None}, 7),
+    ({"max_tokens": None, "max_completion_tokens": 100}, 100),
+    ({"max_completion_tokens": 1}, 1),
+])
+def test_max_completion_tokens_is_an_alias_of_max_tokens(fields: dict[str, Any], max_tokens: int) -> None:
+    assert parse({"type": "message", "messages": USER, **fields}).max_tokens == max_tokens
+
+
+def test_max_completion_tokens_wins_over_the_default() -> None:
+    limits = Limits(max_tokens_limit=100, default_max_tokens=64)
+    assert parse({"type": "message", "messages": USER, "max_completion_tokens": 9}, limits).max_tokens == 9
+
+
+@pytest.mark.parametrize("n", [1, None])
+def test_n_of_one_is_accepted(n: int | None) -> None:
+    event = parse({"type": "message", "messages": USER, "n": n, "max_tokens": 5})
+    assert event == ChatRequest(None, tuple(USER), 5)
+
+
+@pytest.mark.parametrize(("fields", "param"), [
+    ({"max_tokens": 7, "max_completion_tokens": 8}, "max_completion_tokens"),
+    ({"max_completion_tokens": 0}, "max_completion_tokens"),
+    ({"max_completion_tokens": 101}, "max_completion_tokens"),
+    ({"max_completion_tokens": "5"}, "max_completion_tokens"),
+    ({"max_completion_tokens": True}, "max_completion_tokens"),
+    ({"max_completion_tokens": 5.5}, "max_completion_tokens"),
+    ({"max_tokens": 0, "max_completion_tokens": 5}, "max_tokens"),
+    ({"n": 2}, "n"),
+    ({"n": 0}, "n"),
+    ({"n": -1}, "n"),
+    ({"n": True}, "n"),
+    ({"n": "1"}, "n"),
+    ({"n": [1]}, "n"),
+])
+def test_max_completion_tokens_and_n_rejections(fields: dict[str, Any], param: str) -> None:
+    with pytest.raises(ProtocolError) as caught:
+        parse({"type": "message", "id": "q2", "messages": USER, **fields})
+    assert (caught.value.code, caught.value.param, caught.value.request_id) == (ErrorCode.INVALID_REQUEST, param, "q2")
+    assert param in caught.value.message
+
+
+def test_a_huge_integer_sampling_value_is_an_invalid_request_not_a_crash() -> None:
+    """math.isfinite(10**400) raises OverflowError, which is not a ProtocolError."""
+    frame = '{"type":"message","messages":[{"role":"user","content":"x"}],"temperature":1' + "0" * 400 + "}"
+    with pytest.raises(ProtocolError) as caught:
+        parse_client_event(frame, Limits())
+    assert caught.value.param == "temperature"

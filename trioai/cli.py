@@ -19,7 +19,7 @@ import trio
 
 from . import __version__
 from .auth import KeyFileError
-from .config import EMBEDDED_DEFAULT_MAX_TOKENS, ConfigError, Settings, load_settings, setting_fields
+from .config import EMBEDDED_DEFAULT_MAX_TOKENS, ConfigError, Settings, field_type, load_settings, setting_fields
 from .server import Server, serve, server_tls_context
 from .systemd import Notifier, inherited_sockets, listeners_from
 
@@ -52,12 +52,17 @@ def build_parser() -> argparse.ArgumentParser:
     serve_cmd.add_argument("--config", metavar="FILE", help="TOML file of settings (keys as the options below)")
     defaults = Settings()
     for f in setting_fields():
+        help_text = f"{f.metadata['help']} (default: {getattr(defaults, f.name)}; env TRIOAI_{f.name.upper()})"
+        if field_type(f) is bool:  # a flag: present means true (env and file take true/false)
+            serve_cmd.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=argparse.SUPPRESS,
+                                   action="store_const", const="true", help=help_text)
+            continue
         serve_cmd.add_argument(
             "--" + f.name.replace("_", "-"),
             dest=f.name,
             default=argparse.SUPPRESS,
             metavar=f.name.split("_")[-1].upper(),
-            help=f"{f.metadata['help']} (default: {getattr(defaults, f.name)}; env TRIOAI_{f.name.upper()})",
+            help=help_text,
         )
     return parser
 

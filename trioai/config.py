@@ -21,6 +21,8 @@ from typing import Any, Final, TypeAlias
 from .protocol import Limits
 
 ENV_PREFIX = "TRIOAI_"
+BOOLEAN_WORDS: Final = {"true": True, "1": True, "yes": True, "on": True,
+                        "false": False, "0": False, "no": False, "off": False}
 PORT_MAX: Final = 65535
 EMBEDDED_DEFAULT_MAX_TOKENS: Final = 256
 """``default_max_tokens`` with the embedded engine when unset: a base model writes on until its context is full."""
@@ -163,6 +165,21 @@ class Settings:
     drain_timeout: float = _setting(
         30.0, "seconds active generations may finish after SIGTERM before they are ended", minimum=0.0
     )
+    resumable_default: bool = _setting(
+        False, "every generation is resumable, as if each message said \"resumable\": true"
+    )
+    resume_window: float = _setting(
+        60.0, "seconds a resumable generation keeps running and its events are kept after its connection "
+        "is lost (and after it ends, for a lost done); then it is abandoned (0: resume off)", minimum=0.0
+    )
+    resume_buffer_bytes: int = _setting(
+        1 << 20, "event log kept per resumable generation; a detached generation whose log is full waits",
+        minimum=4096
+    )
+    resume_memory_bytes: int = _setting(
+        256 << 20, "event logs of all generations together; beyond, the oldest detached one is abandoned",
+        minimum=65536
+    )
     stream_buffer_bytes: int = _setting(
         65536, "unsent text per stream before the engine is made to wait (slow clients)", minimum=1024
     )
@@ -225,6 +242,12 @@ def convert(f: dataclasses.Field[Any], value: Any, source: str) -> Any:
     """
     kind = field_type(f)
     optional = isinstance(typing.get_type_hints(Settings)[f.name], types.UnionType)
+    if kind is bool:
+        if isinstance(value, str) and value.strip().lower() in BOOLEAN_WORDS:
+            value = BOOLEAN_WORDS[value.strip().lower()]
+        if not isinstance(value, bool):
+            raise ConfigError(f"{source} must be true or false, got {value!r}")
+        return value
     if isinstance(value, str) and kind is not str:
         text = value.strip()
         if optional and text.lower() in ("", "none", "null"):

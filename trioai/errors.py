@@ -31,6 +31,8 @@ class ErrorCode(enum.StrEnum):
     UNKNOWN_ID = "unknown_id"
     NOTHING_TO_CANCEL = "nothing_to_cancel"
     TOO_MANY_STREAMS = "too_many_streams"
+    RESUME_NOT_FOUND = "resume_not_found"
+    RESUMED_ELSEWHERE = "resumed_elsewhere"
     # Capacity: retry later (after ``retry_after`` seconds when given).
     OVERLOADED = "overloaded"
     RATE_LIMITED = "rate_limited"

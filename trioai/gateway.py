@@ -18,6 +18,7 @@ import trio
 from .admission import Admission
 from .config import Settings
 from .errors import ErrorCode, UpstreamError
+from .generation import Registry
 from .metrics import Metrics
 from .outbox import StreamSender
 from .protocol import AssembledToolCall, ChatRequest, Done, Error, RequestId, Started, Usage
@@ -76,6 +77,7 @@ class Gateway:
         self.admission = Admission(settings.max_concurrency)
         self.metrics = Metrics()
         self.rate_limiter = RateLimiter(settings.rate_limit_requests, settings.rate_limit_tokens)
+        self.registry = Registry(self)  # runs every generation; serve() starts its task
         self._model = settings.model
         # One lookup in flight, shared by every request that needs it; a failure is shared briefly.
         self._model_lookup = SharedCall(self._first_listed_model, error_ttl=MODEL_LOOKUP_RETRY)
@@ -95,9 +97,12 @@ class Gateway:
         return self._model
 
     async def generate(
-        self, request: ChatRequest, request_id: RequestId, sender: StreamSender, stats: RequestStats
+        self, request: ChatRequest, request_id: RequestId, sender: StreamSender, stats: RequestStats,
+        *, resume_token: str | None = None,
     ) -> Done | Error:
-        """Run one generation, sending its events through ``sender``; return its terminal event."""
+        """Run one generation, sending its events through ``sender``; return its terminal event.
+
+        ``resume_token`` goes out in ``start`` (a resumable generation)."""
         try:
             model = await self.model()
             max_queue = self.settings.max_queue
@@ -107,7 +112,7 @@ class Gateway:
                              retry_after=OVERLOADED_RETRY_AFTER)
             # A slow reader's earlier answers still unsent: the new one waits (outbox.py, Bounds).
             await sender.wait_for_room()
-            sender.event(Started(request_id, model))
+            sender.event(Started(request_id, model, resume_token))
             async with self.admission.slot(sender.queued):
                 stats.admitted_at = trio.current_time()
                 return await self._relay_with_retries(request, request_id, model, sender, stats)

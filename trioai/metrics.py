@@ -34,7 +34,8 @@ class Metrics:
             "trioai_handshakes_rejected", "Handshakes refused, by HTTP status (401, 403, 503)", ["status"], registry=r
         )
         self.requests = Counter(
-            "trioai_requests", "Finished generations by outcome (done, cancelled, error, aborted) and error code",
+            "trioai_requests",
+            "Finished generations by outcome (done, cancelled, error, aborted, abandoned) and error code",
             ["outcome", "code"], registry=r,
         )
         self.tokens = Counter("trioai_tokens_relayed", "Content deltas relayed to clients", registry=r)
@@ -45,6 +46,14 @@ class Metrics:
         self.ttft = Histogram(
             "trioai_time_to_first_token_seconds", "From receiving a request to its first token (queueing included)",
             buckets=TTFT_BUCKETS, registry=r,
+        )
+        self.detached = Gauge("trioai_generations_detached", "Resumable generations running with no connection",
+                              registry=r)
+        self.log_bytes = Gauge("trioai_resume_log_bytes", "Bytes held in resumable generations' event logs",
+                               registry=r)
+        self.resumes = Counter("trioai_resumes", "Generations a connection attached to by 'resume'", registry=r)
+        self.abandoned = Counter(
+            "trioai_generations_abandoned", "Detached generations cancelled: window passed or memory cap", registry=r
         )
         self.duration = Histogram(
             "trioai_request_duration_seconds", "From receiving a request to its terminal event",

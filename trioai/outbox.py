@@ -52,74 +52,106 @@ DEFAULT_MAX_CONTROL: Final = 64
 DEFAULT_CONNECTION_BUFFER_BYTES: Final = 262144
 
 
-class _TextSlot:
-    """A stream's unsent ``token`` (or, with ``reasoning``, ``reasoning``) text; reused once sent."""
+class _Entry:
+    """One event of a generation's log, with its ``seq``; deltas of one kind join it until it is sent.
 
-    __slots__ = ("id_json", "reasoning", "parts", "size", "queued", "drained", "logprobs")
+    ``queued``: in an outbox's FIFO now. ``sealed``: taken by a writer once, so its text is final
+    and it takes no more deltas (a replay sends the same text with the same ``seq`` again).
+    """
 
-    def __init__(self, id_json: str, reasoning: bool = False) -> None:
-        self.id_json = id_json
-        self.reasoning = reasoning
-        self.parts: list[str] = []
+    __slots__ = ("sender", "seq", "head", "size", "queued", "sealed", "drained")
+
+    def __init__(self, sender: StreamSender, seq: int) -> None:
+        self.sender = sender
+        self.seq = seq
+        # The frame's id and seq fields, written once: the encoders put them after "id":.
+        self.head = sender.id_json + ',"seq":' + str(seq)
         self.size = 0
         self.queued = False
+        self.sealed = False
         self.drained: trio.Event | None = None
-        self.logprobs: list[Any] | None = None
 
     def take(self) -> str:
-        parts = self.parts
-        text = parts[0] if len(parts) == 1 else "".join(parts)
-        if self.reasoning:
-            frame = encode_reasoning(self.id_json, text)
-        else:
-            frame = encode_token(self.id_json, text, self.logprobs)
-            self.logprobs = None
-        self.parts = []
-        self.size = 0
+        """The frame to send now; the entry is sealed from here on."""
+        frame = self.frame()
+        self.sealed = True
         self.queued = False
         if self.drained is not None:
             self.drained.set()
             self.drained = None
         return frame
 
+    def frame(self) -> str:
+        raise NotImplementedError
 
-class _ToolCallSlot:
-    """Unsent fragments of one tool call (one ``index``); a new slot after each send."""
 
-    __slots__ = ("id_json", "index", "call_id", "name", "parts", "size", "queued", "drained")
+class _Frame(_Entry):
+    """A non-delta event (``start``, a terminal one), encoded once."""
 
-    def __init__(self, id_json: str, index: int, call_id: str | None, name: str | None) -> None:
-        self.id_json = id_json
+    __slots__ = ("text",)
+
+    def __init__(self, sender: StreamSender, seq: int, event: ServerEvent) -> None:
+        super().__init__(sender, seq)
+        self.text = encode(event, seq)
+        self.size = len(self.text)
+        self.sealed = True
+
+    def frame(self) -> str:
+        return self.text
+
+
+class _TextSlot(_Entry):
+    """``token`` (or, with ``reasoning``, ``reasoning``) text of one or more deltas."""
+
+    __slots__ = ("reasoning", "parts", "logprobs")
+
+    def __init__(self, sender: StreamSender, seq: int, reasoning: bool = False) -> None:
+        super().__init__(sender, seq)
+        self.reasoning = reasoning
+        self.parts: list[str] = []
+        self.logprobs: list[Any] | None = None
+
+    def frame(self) -> str:
+        parts = self.parts
+        if len(parts) > 1:
+            parts[:] = ["".join(parts)]  # joined once: a replay sends the same text
+        text = parts[0]
+        if self.reasoning:
+            return encode_reasoning(self.head, text)
+        return encode_token(self.head, text, self.logprobs)
+
+
+class _ToolCallSlot(_Entry):
+    """Fragments of one tool call (one ``index``)."""
+
+    __slots__ = ("index", "call_id", "name", "parts")
+
+    def __init__(self, sender: StreamSender, seq: int, index: int, call_id: str | None, name: str | None) -> None:
+        super().__init__(sender, seq)
         self.index = index
         self.call_id = call_id
         self.name = name
         self.parts: list[str] = []
-        self.size = 0
-        self.queued = False
-        self.drained: trio.Event | None = None
 
-    def take(self) -> str:
-        frame = encode_tool_call(self.id_json, self.index, self.call_id, self.name, "".join(self.parts))
-        self.parts = []
-        self.size = 0
-        self.queued = False
-        if self.drained is not None:
-            self.drained.set()
-            self.drained = None
-        return frame
+    def frame(self) -> str:
+        parts = self.parts
+        if len(parts) > 1:
+            parts[:] = ["".join(parts)]
+        return encode_tool_call(self.head, self.index, self.call_id, self.name, parts[0] if parts else "")
 
 
-class _QueuedSlot:
-    __slots__ = ("request_id", "position", "queued")
+class _QueuedSlot(_Entry):
+    """A queue position; a newer position replaces an unsent one (same ``seq``)."""
 
-    def __init__(self, request_id: RequestId) -> None:
-        self.request_id = request_id
-        self.position = 0
-        self.queued = False
+    __slots__ = ("position",)
 
-    def take(self) -> str:
-        self.queued = False
-        return encode(Queued(self.request_id, self.position))
+    def __init__(self, sender: StreamSender, seq: int, position: int) -> None:
+        super().__init__(sender, seq)
+        self.position = position
+        self.size = 40
+
+    def frame(self) -> str:
+        return encode(Queued(self.sender.request_id, self.position), self.seq)
 
 
 @dataclass(frozen=True)
@@ -137,7 +169,7 @@ class _Control:
         self.frame = frame
 
 
-_Item = str | _TextSlot | _ToolCallSlot | _QueuedSlot | _Control | CloseFrame
+_Item = _Entry | _Control | CloseFrame
 
 
 class Outbox:
@@ -181,7 +213,7 @@ class Outbox:
         return len(self._items) if self._items is not None else 0
 
     def stream(self, request_id: RequestId) -> StreamSender:
-        """A sender for one request's events."""
+        """A sender for one request's events, attached to this outbox, not resumable."""
         return StreamSender(self, request_id)
 
     async def send_control(self, event: ServerEvent) -> None:
@@ -250,13 +282,7 @@ class Outbox:
             return None
         item = items.popleft()
         frame: str | CloseFrame
-        if type(item) is _TextSlot or type(item) is _ToolCallSlot:
-            self.queued_bytes -= item.size
-            frame = item.take()
-        elif type(item) is str:
-            self.queued_bytes -= len(item)
-            frame = item
-        elif type(item) is _Control:
+        if type(item) is _Control:
             self.queued_bytes -= len(item.frame)
             self._control_pending -= 1
             if self._control_lot is not None:
@@ -265,28 +291,84 @@ class Outbox:
         elif type(item) is CloseFrame:
             return item
         else:
-            assert isinstance(item, _QueuedSlot)
-            return item.take()
+            assert isinstance(item, _Entry)
+            self.queued_bytes -= item.size
+            frame = item.take()
         room_lot = self._room_lot
         if room_lot and self.queued_bytes < self.connection_buffer_bytes:
             room_lot.unpark_all()
         return frame
 
+    def remove_stream(self, sender: StreamSender) -> int:
+        """Take every unsent entry of ``sender`` out of the FIFO (it moves to another connection, or
+        none; they stay in its log); how many there were."""
+        items = self._items
+        if not items:
+            return 0
+        kept: collections.deque[_Item] = collections.deque()
+        removed = 0
+        for item in items:
+            if isinstance(item, _Entry) and item.sender is sender:
+                self.queued_bytes -= item.size
+                item.queued = False
+                removed += 1
+            else:
+                kept.append(item)
+        self._items = kept
+        if self._room_lot and self.queued_bytes < self.connection_buffer_bytes:
+            self._room_lot.unpark_all()
+        return removed
+
+    def push_notice(self, event: ServerEvent) -> None:
+        """Queue a connection-level event now, without waiting for ``max_control`` (for events the
+        server itself causes, rarely: never in answer to a client's frame)."""
+        if self.closing:
+            return
+        frame = encode(event)
+        self.queued_bytes += len(frame)
+        self._control_pending += 1
+        self._push(_Control(frame))
+
 
 class StreamSender:
-    """Puts one request's events into the outbox; after its terminal event, nothing more."""
+    """One generation's events: numbered (``seq``), coalesced, logged, and queued to the outbox of
+    the connection it is attached to, if any; after its terminal event, nothing more.
 
-    __slots__ = ("request_id", "_outbox", "_tokens", "_reasoning", "_queued", "_last", "finished")
+    Not resumable (``log_bytes_limit`` None): an entry lives only until the writer has sent it.
+    Resumable: entries stay in :attr:`log` for a replay (:meth:`attach` with ``after``): the oldest
+    sent ones are dropped beyond ``log_bytes_limit``; while detached (no outbox), a full log makes
+    the generation wait (``put_*`` returns True and :meth:`drained` waits until it is attached
+    again), as a slow client does.
+    """
 
-    def __init__(self, outbox: Outbox, request_id: RequestId) -> None:
+    __slots__ = ("request_id", "id_json", "outbox", "stream_buffer_bytes", "log", "log_bytes", "log_bytes_limit",
+                 "finished", "_seq", "_last", "_tokens", "_reasoning", "_queued", "_attached", "on_log_change")
+
+    def __init__(self, outbox: Outbox | None, request_id: RequestId, *, stream_buffer_bytes: int | None = None,
+                 log_bytes_limit: int | None = None) -> None:
         self.request_id = request_id
-        self._outbox = outbox
-        self._tokens = _TextSlot(encode_id(request_id))
+        self.id_json = encode_id(request_id)
+        self.outbox = outbox
+        if stream_buffer_bytes is None:
+            stream_buffer_bytes = outbox.stream_buffer_bytes if outbox is not None else 65536
+        self.stream_buffer_bytes = stream_buffer_bytes
+        self.log: collections.deque[_Entry] | None = None if log_bytes_limit is None else collections.deque()
+        self.log_bytes = 0
+        self.log_bytes_limit = log_bytes_limit
+        self.finished = False
+        self._seq = 0
+        # The stream's latest entry: only it may take more deltas (kinds never reorder).
+        self._last: _Entry | None = None
+        self._tokens: _TextSlot | None = None
         self._reasoning: _TextSlot | None = None
         self._queued: _QueuedSlot | None = None
-        # The stream's latest item in the FIFO: only it may take more deltas (kinds never reorder).
-        self._last: object = None
-        self.finished = False
+        self._attached: trio.Event | None = None  # set when a detached, full generation may go on
+        self.on_log_change: Callable[[int], None] | None = None  # told each change of log_bytes
+
+    @property
+    def last_seq(self) -> int:
+        """The ``seq`` of the latest event so far (0: none yet)."""
+        return self._seq
 
     def event(self, event: ServerEvent) -> None:
         """Queue a non-delta event (``start``, or a terminal one, which finishes the stream)."""
@@ -294,87 +376,155 @@ class StreamSender:
             raise RuntimeError(f"stream {self.request_id!r} already ended")
         if isinstance(event, TERMINAL_EVENTS):
             self.finished = True
-        frame = encode(event)
-        outbox = self._outbox
-        if not outbox.closing:
-            outbox.queued_bytes += len(frame)
-        outbox._push(frame)
-        self._last = None
+        self._seq += 1
+        self._add(_Frame(self, self._seq, event))
 
     def queued(self, position: int) -> None:
         """Report a queue position; an unsent earlier position is replaced, not repeated."""
         if self.finished:
             return
         slot = self._queued
-        if slot is None:
-            slot = self._queued = _QueuedSlot(self.request_id)
-        slot.position = position
-        if not slot.queued:
-            slot.queued = True
-            self._outbox._push(slot)
-            self._last = slot
+        if slot is not None and slot is self._last and not slot.sealed:
+            slot.position = position
+            return
+        self._seq += 1
+        slot = self._queued = _QueuedSlot(self, self._seq, position)
+        self._add(slot)
 
     def put_token(self, content: str, logprobs: tuple[Any, ...] | None = None) -> bool:
-        """Queue generated text (and its logprobs entries, when asked); True when this stream's or
-        the connection's unsent text is over its bound.
-
-        The caller should then ``await drained()`` before reading more from the engine.
-        """
+        """Queue generated text (and its logprobs entries, when asked); True when the generation
+        should wait (:meth:`drained`) before reading more from the engine: this stream's or the
+        connection's unsent text is over its bound, or a detached generation's log is full."""
         if self.finished:
             raise RuntimeError(f"stream {self.request_id!r} already ended")
         slot = self._tokens
-        if slot.queued and self._last is not slot:  # another kind of event came after it
-            slot = self._tokens = _TextSlot(slot.id_json)
+        if slot is None or slot is not self._last or slot.sealed or slot.size >= self.stream_buffer_bytes:
+            self._seq += 1
+            slot = self._tokens = _TextSlot(self, self._seq)
+            self._add(slot)
         if logprobs:
             if slot.logprobs is None:
                 slot.logprobs = []
             slot.logprobs.extend(logprobs)
-        return self._put(slot, content)
+        return self._grow(slot, content)
 
     def put_reasoning(self, content: str) -> bool:
         """Queue reasoning text; the same bounds and return value as :meth:`put_token`."""
         if self.finished:
             raise RuntimeError(f"stream {self.request_id!r} already ended")
         slot = self._reasoning
-        if slot is None or (slot.queued and self._last is not slot):
-            slot = self._reasoning = _TextSlot(self._tokens.id_json, reasoning=True)
-        return self._put(slot, content)
+        if slot is None or slot is not self._last or slot.sealed or slot.size >= self.stream_buffer_bytes:
+            self._seq += 1
+            slot = self._reasoning = _TextSlot(self, self._seq, reasoning=True)
+            self._add(slot)
+        return self._grow(slot, content)
 
     def put_tool_call(self, index: int, call_id: str | None, name: str | None, arguments: str) -> bool:
         """Queue a fragment of the tool call at ``index``; the same bounds and return value as
         :meth:`put_token`. Joins the previous fragment only if it is of the same call, unsent and
-        the stream's last item, and this one names no new id or function."""
+        the stream's last entry, and this one names no new id or function."""
         if self.finished:
             raise RuntimeError(f"stream {self.request_id!r} already ended")
         slot = self._last
-        if not (type(slot) is _ToolCallSlot and slot.queued and slot.index == index
-                and call_id is None and name is None):
-            slot = _ToolCallSlot(self._tokens.id_json, index, call_id, name)
-        return self._put(slot, arguments)
+        if not (type(slot) is _ToolCallSlot and not slot.sealed and slot.index == index and call_id is None
+                and name is None and slot.size < self.stream_buffer_bytes):
+            self._seq += 1
+            slot = _ToolCallSlot(self, self._seq, index, call_id, name)
+            self._add(slot)
+        return self._grow(slot, arguments)
 
-    def _put(self, slot: _TextSlot | _ToolCallSlot, text: str) -> bool:
-        outbox = self._outbox
+    def _add(self, entry: _Entry) -> None:
+        """Append a new entry: to the log (if resumable) and to the attached connection's FIFO."""
+        self._last = entry
+        log = self.log
+        if log is not None:
+            log.append(entry)
+            self._log_grew(entry.size)
+        outbox = self.outbox
+        if outbox is not None and not outbox.closing:
+            entry.queued = True
+            outbox.queued_bytes += entry.size
+            outbox._push(entry)
+
+    def _grow(self, slot: _TextSlot | _ToolCallSlot, text: str) -> bool:
         slot.parts.append(text)
         size = len(text)
         slot.size += size
-        if not slot.queued:
-            slot.queued = True
-            outbox._push(slot)
-            self._last = slot
-        outbox.queued_bytes += size
-        return slot.size >= outbox.stream_buffer_bytes or outbox.queued_bytes >= outbox.connection_buffer_bytes
+        if self.log is not None:
+            self._log_grew(size)
+        outbox = self.outbox
+        if outbox is None:
+            return self.log is not None and self.log_bytes >= self.log_bytes_limit  # type: ignore[operator]
+        if slot.queued:
+            outbox.queued_bytes += size
+        return slot.size >= self.stream_buffer_bytes or outbox.queued_bytes >= outbox.connection_buffer_bytes
+
+    def _log_grew(self, size: int) -> None:
+        self.log_bytes += size
+        log = self.log
+        assert log is not None
+        assert self.log_bytes_limit is not None
+        # Attached, sent entries are what a replay may no longer need most: the oldest go first.
+        # Detached, nothing goes (what was sent last may never have arrived): a full log waits.
+        while (self.log_bytes > self.log_bytes_limit and self.outbox is not None and len(log) > 1
+               and log[0].sealed and not log[0].queued):
+            self.log_bytes -= log.popleft().size
+        if self.on_log_change is not None:
+            self.on_log_change(self.log_bytes)
+
+    @property
+    def first_kept_seq(self) -> int:
+        """The oldest ``seq`` a replay can still send (``last_seq + 1`` when the log is empty)."""
+        if self.log:
+            return self.log[0].seq
+        return self._seq + 1
+
+    def attach(self, outbox: Outbox, after: int = 0) -> None:
+        """Stream to ``outbox`` from now on, first replaying every logged event with ``seq > after``."""
+        self.detach()
+        self.outbox = outbox
+        self._last = None  # entries sent elsewhere are not joined again
+        for entry in self.log or ():
+            if entry.seq > after and not outbox.closing:
+                entry.queued = True
+                outbox.queued_bytes += entry.size
+                outbox._push(entry)
+        if self._attached is not None:
+            self._attached.set()
+            self._attached = None
+
+    def detach(self) -> int:
+        """Stop streaming to the current outbox; unsent entries stay in the log for a later attach.
+        Returns how many entries were still unsent there."""
+        outbox = self.outbox
+        if outbox is None:
+            return 0
+        self.outbox = None
+        return outbox.remove_stream(self)
 
     async def wait_for_room(self) -> None:
         """Wait while the connection's unsent frames are over their bound (before a new request starts)."""
-        await self._outbox.wait_for_room()
+        if self.outbox is None:
+            await trio.lowlevel.checkpoint_if_cancelled()
+            return
+        await self.outbox.wait_for_room()
 
     async def drained(self) -> None:
-        """Wait until this stream's and the connection's unsent text are under their bounds again
-        (after a ``put_*`` said they were over)."""
+        """Wait until the bounds a ``put_*`` reported are kept again: this stream's and the
+        connection's unsent text, or, detached, a full log (until a client attaches)."""
+        outbox = self.outbox
+        if outbox is None:
+            if self.log_bytes_limit is not None and self.log_bytes >= self.log_bytes_limit:
+                if self._attached is None:
+                    self._attached = trio.Event()
+                await self._attached.wait()
+            else:
+                await trio.lowlevel.checkpoint_if_cancelled()
+            return
         slot = self._last
-        if ((type(slot) is _TextSlot or type(slot) is _ToolCallSlot)
-                and slot.size >= self._outbox.stream_buffer_bytes):
+        if slot is not None and slot.queued and slot.size >= self.stream_buffer_bytes:
             if slot.drained is None:
                 slot.drained = trio.Event()
             await slot.drained.wait()
-        await self._outbox.wait_for_room()
+        if self.outbox is not None:
+            await self.outbox.wait_for_room()

@@ -25,6 +25,7 @@ JSONScalar: TypeAlias = str | int | float | bool | None
 
 ROLES: Final = frozenset({"system", "developer", "user", "assistant", "tool"})
 MAX_ID_LENGTH: Final = 128
+MAX_RESUME_TOKEN_LENGTH: Final = 128
 MAX_STOP_SEQUENCES: Final = 8
 MAX_STOP_LENGTH: Final = 256
 # Content parts are passed through to the engine; this bounds how deep we walk them.
@@ -77,13 +78,27 @@ class ChatRequest:
     sampling: Sampling = field(default_factory=Sampling)
     #: Validated chat-completions fields passed to the engine as they are (tools, response_format, ...).
     chat_fields: Mapping[str, Any] = field(default_factory=dict)
+    resumable: bool | None = None  # None: the server's default
 
 
 @dataclass(frozen=True, slots=True)
 class CancelRequest:
-    """``cancel``: stop one generation, or every active one when ``id`` is None."""
+    """``cancel``: stop one generation, or every active one when ``id`` is None.
+
+    With ``resume_token``, the generation may be on any connection, or on none (detached).
+    """
 
     id: RequestId | None
+    resume_token: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ResumeRequest:
+    """``resume``: attach this connection to a resumable generation, replaying events after ``after``."""
+
+    id: RequestId
+    resume_token: str
+    after: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,7 +108,7 @@ class PingRequest:
     id: RequestId | None
 
 
-ClientEvent: TypeAlias = ChatRequest | CancelRequest | PingRequest
+ClientEvent: TypeAlias = ChatRequest | CancelRequest | PingRequest | ResumeRequest
 
 
 # --- server events ---------------------------------------------------------------------------
@@ -105,6 +120,7 @@ class Started:
 
     id: RequestId
     model: str
+    resume_token: str | None = None  # only for a resumable generation
 
 
 @dataclass(frozen=True, slots=True)
@@ -243,15 +259,41 @@ def parse_client_event(data: str | bytes, limits: Limits) -> ClientEvent:
     if kind == "message":
         return _parse_message(obj, request_id, limits)
     if kind == "cancel":
-        return CancelRequest(request_id)
+        token = obj.get("resume_token")
+        if token is not None:
+            token = _resume_token(token, request_id)
+            if request_id is None:
+                raise ProtocolError(ErrorCode.INVALID_REQUEST, "a cancel with 'resume_token' needs its 'id'",
+                                    param="id")
+        return CancelRequest(request_id, token)
+    if kind == "resume":
+        return _parse_resume(obj, request_id)
     if kind == "ping":
         return PingRequest(request_id)
     raise ProtocolError(
         ErrorCode.UNKNOWN_TYPE,
-        f"unknown event type {_short(kind)!r}; expected 'message', 'cancel' or 'ping'",
+        f"unknown event type {_short(kind)!r}; expected 'message', 'cancel', 'resume' or 'ping'",
         param="type",
         request_id=request_id,
     )
+
+
+def _parse_resume(obj: dict[str, Any], request_id: RequestId | None) -> ResumeRequest:
+    if request_id is None:
+        raise ProtocolError(ErrorCode.INVALID_REQUEST, "field 'id' is required to resume", param="id")
+    token = _resume_token(obj.get("resume_token"), request_id)
+    after = obj.get("after", 0)
+    if isinstance(after, bool) or not isinstance(after, int) or not 0 <= after < 2**53:
+        raise ProtocolError(ErrorCode.INVALID_REQUEST, "field 'after' must be a non-negative integer (a seq)",
+                            param="after", request_id=request_id)
+    return ResumeRequest(request_id, token, after)
+
+
+def _resume_token(token: Any, request_id: RequestId | None) -> str:
+    if not isinstance(token, str) or not 1 <= len(token) <= MAX_RESUME_TOKEN_LENGTH or not token.isascii():
+        raise ProtocolError(ErrorCode.INVALID_REQUEST, "field 'resume_token' must be the token 'start' gave",
+                            param="resume_token", request_id=request_id)
+    return token
 
 
 def _parse_id(obj: dict[str, Any]) -> RequestId | None:
@@ -302,7 +344,11 @@ def _parse_message(obj: dict[str, Any], request_id: RequestId | None, limits: Li
         presence_penalty=_number(obj, "presence_penalty", -2.0, 2.0, invalid),
         frequency_penalty=_number(obj, "frequency_penalty", -2.0, 2.0, invalid),
     )
-    return ChatRequest(request_id, messages, max_tokens, sampling, parse_request_fields(obj, limits, invalid))
+    resumable = obj.get("resumable")
+    if resumable is not None and not isinstance(resumable, bool):
+        raise invalid("resumable", "field 'resumable' must be true or false")
+    return ChatRequest(request_id, messages, max_tokens, sampling, parse_request_fields(obj, limits, invalid),
+                       resumable)
 
 
 def _max_tokens(obj: dict[str, Any], name: str, limits: Limits, invalid: Any) -> int | None:
@@ -352,7 +398,9 @@ def _number(obj: dict[str, Any], name: str, low: float, high: float, invalid: An
     value = obj.get(name)
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+    # An int is compared as it is: math.isfinite would overflow on a 400-digit integer.
+    if isinstance(value, bool) or not isinstance(value, int | float) or (
+            isinstance(value, float) and not math.isfinite(value)):
         raise invalid(name, f"field '{name}' must be a number")
     if not low <= value <= high:
         raise invalid(name, f"field '{name}' must be between {low:g} and {high:g}")
@@ -442,7 +490,11 @@ def encode_id(request_id: RequestId | None) -> str:
 
 
 def encode_token(id_json: str, content: str, logprobs: list[Any] | tuple[Any, ...] | None = None) -> str:
-    """The ``token`` frame: the per-token hot path, so built by concatenation."""
+    """The ``token`` frame: the per-token hot path, so built by concatenation.
+
+    ``id_json`` is the id's JSON text, optionally followed by more fields (``"r1","seq":3``): so are
+    the other ``encode_*`` functions' first arguments.
+    """
     if logprobs is None:
         return '{"type":"token","id":' + id_json + ',"content":' + dumps(content) + "}"
     return ('{"type":"token","id":' + id_json + ',"content":' + dumps(content) + ',"logprobs":'
@@ -464,21 +516,30 @@ def encode_tool_call(id_json: str, index: int, call_id: str | None, name: str | 
     return head + ',"arguments":' + dumps(arguments) + "}"
 
 
-def encode(event: ServerEvent) -> str:
-    """The JSON text frame of a server event."""
+def encode(event: ServerEvent, seq: int | None = None) -> str:
+    """The JSON text frame of a server event; ``seq``, when given, right after its id."""
+    head = encode_id(getattr(event, "id", None))
+    if seq is not None:
+        head += ',"seq":' + str(seq)
     if type(event) is Token:
-        return encode_token(encode_id(event.id), event.content, event.logprobs)
+        return encode_token(head, event.content, event.logprobs)
     if type(event) is Reasoning:
-        return encode_reasoning(encode_id(event.id), event.content)
+        return encode_reasoning(head, event.content)
     if type(event) is ToolCall:
-        return encode_tool_call(encode_id(event.id), event.index, event.call_id, event.name, event.arguments)
-    return dumps(_as_dict(event))
+        return encode_tool_call(head, event.index, event.call_id, event.name, event.arguments)
+    out = _as_dict(event)
+    if seq is not None:
+        out = {"type": out["type"], "id": out["id"], "seq": seq} | out
+    return dumps(out)
 
 
 def _as_dict(event: ServerEvent) -> dict[str, Any]:
     match event:
         case Started(id=i, model=model):
-            return {"type": "start", "id": i, "model": model}
+            started: dict[str, Any] = {"type": "start", "id": i, "model": model}
+            if event.resume_token is not None:
+                started["resume_token"] = event.resume_token
+            return started
         case Queued(id=i, position=position):
             return {"type": "queued", "id": i, "position": position}
         case Done():

@@ -126,6 +126,8 @@ class Server:
             streams_queued=lambda: gateway.admission.queued,
             draining=lambda: float(self.draining),
         )
+        gateway.metrics.detached.set_function(lambda: gateway.registry.detached)
+        gateway.metrics.log_bytes.set_function(lambda: gateway.registry.log_bytes)
 
     @property
     def open_connections(self) -> int:
@@ -182,6 +184,7 @@ class Server:
             now = trio.current_time()
             for session in list(self.sessions):
                 session.tick(now)
+            self.gateway.registry.sweep(now)
             if isinstance(transport, H11Transport):
                 transport.close_expired()
 
@@ -277,7 +280,7 @@ class Server:
         self.gateway.metrics.connections.inc()
         conn_id = next(self._conn_ids)
         address = client_address(peer[0] if peer else None, request.headers, self.trusted_proxies)
-        session = Session(ws, self.gateway, conn_id, decision.key_id or address or "-")
+        session = Session(ws, self.gateway, conn_id, decision.key_id or address or "-", decision.key_id)
         self.sessions.add(session)
         if self.draining:
             session.drain()
@@ -388,6 +391,7 @@ async def serve(
             ws_listeners = [trio.SSLListener(listener, tls, https_compatible=True) for listener in listeners]
         server = Server(gateway)
         async with trio.open_nursery() as services:
+            await services.start(gateway.registry.run)
             services.start_soon(server.sweep)
             http_port = None
             if settings.http_port is not None:

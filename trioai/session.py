@@ -38,16 +38,17 @@ from trio_websocket import ConnectionClosed, WebSocketConnection
 
 from .errors import ErrorCode, ProtocolError
 from .gateway import Gateway, RequestStats
-from .outbox import CloseFrame, Outbox, StreamSender
+from .generation import Generation
+from .outbox import CloseFrame, Outbox
 from .protocol import (
     Cancelled,
     CancelRequest,
     ChatRequest,
-    Done,
     Error,
     PingRequest,
     Pong,
     RequestId,
+    ResumeRequest,
     error_from,
     parse_client_event,
 )
@@ -66,18 +67,21 @@ ENDED_IDS_REMEMBERED: Final = 64
 class Session:
     """The protocol state of one connection: its active streams and its outbox."""
 
-    __slots__ = ("ws", "gateway", "conn_id", "client", "outbox", "active", "requests", "draining", "_stopping",
-                 "_next_id", "_nursery", "_last_activity", "_last_ping", "_ping_in_flight", "_sending_since",
-                 "_stalled", "opened_at", "_ended")
+    __slots__ = ("ws", "gateway", "conn_id", "client", "key_id", "outbox", "active", "requests", "draining",
+                 "_stopping", "_next_id", "_nursery", "_last_activity", "_last_ping", "_ping_in_flight",
+                 "_sending_since", "_stalled", "opened_at", "_ended")
 
-    def __init__(self, ws: WebSocketConnection, gateway: Gateway, conn_id: int, client: str = "-") -> None:
+    def __init__(self, ws: WebSocketConnection, gateway: Gateway, conn_id: int, client: str = "-",
+                 key_id: str | None = None) -> None:
         self.ws = ws
         self.gateway = gateway
         self.conn_id = conn_id
         self.client = client  # whom rate limits count against: the API key id, or the peer address
+        self.key_id = key_id  # the API key's id, when keys are configured
         self.outbox = Outbox(gateway.settings.stream_buffer_bytes, start_writer=self._start_writer,
                              connection_buffer_bytes=gateway.settings.connection_buffer_bytes)
-        self.active: dict[RequestId, trio.CancelScope] = {}
+        # The generations attached to this connection and not ended (they run in the registry).
+        self.active: dict[RequestId, Generation] = {}
         self.requests = 0
         self.draining = False
         self._stopping = False
@@ -102,8 +106,8 @@ class Session:
         """End every active generation with ``error`` ``shutting_down`` (after :meth:`drain`)."""
         self.drain()
         self._stopping = True
-        for scope in self.active.values():
-            scope.cancel()
+        for generation in list(self.active.values()):
+            generation.cancel("stop")
 
     async def run(self, nursery: trio.Nursery) -> None:
         """Serve the connection until the client leaves, starting tasks in ``nursery``; cancel it then.
@@ -118,6 +122,11 @@ class Session:
         finally:
             self._nursery = None
             nursery.cancel_scope.cancel()
+            # Gone without a cancel: resumable generations detach, the others are cancelled.
+            registry = self.gateway.registry
+            for generation in list(self.active.values()):
+                registry.connection_lost(generation)
+            self.active.clear()
             if self._stalled:
                 await self.close_now(CLOSE_POLICY_VIOLATION, "client too slow")
 
@@ -158,37 +167,44 @@ class Session:
             self._touch()
             try:
                 event = parse_client_event(data, limits)
+                if isinstance(event, ChatRequest):
+                    await self._start_stream(event)
+                elif isinstance(event, CancelRequest):
+                    await self._cancel(event)
+                elif isinstance(event, ResumeRequest):
+                    await self._resume(event)
+                elif isinstance(event, PingRequest):
+                    await self.outbox.send_control(Pong(event.id))
             except ProtocolError as exc:
                 await self.outbox.send_control(error_from(exc))
-                continue
-            if isinstance(event, ChatRequest):
-                await self._start_stream(nursery, event)
-            elif isinstance(event, CancelRequest):
-                await self._cancel(event.id)
-            elif isinstance(event, PingRequest):
-                await self.outbox.send_control(Pong(event.id))
 
-    async def _start_stream(self, nursery: trio.Nursery, request: ChatRequest) -> None:
+    async def _admissible(self, request_id: RequestId | None) -> bool:
+        """Whether this connection may take one more generation; if not, says why (an ``error``)."""
         settings = self.gateway.settings
         if self.draining:
             await self.outbox.send_control(
-                Error(request.id, ErrorCode.SHUTTING_DOWN, "the server is shutting down; reconnect and retry")
+                Error(request_id, ErrorCode.SHUTTING_DOWN, "the server is shutting down; reconnect and retry")
             )
-            return
-        if request.id is not None and request.id in self.active:
+            return False
+        if request_id is not None and request_id in self.active:
             await self.outbox.send_control(
-                Error(request.id, ErrorCode.DUPLICATE_ID, f"request {request.id!r} is still active", "id")
+                Error(request_id, ErrorCode.DUPLICATE_ID, f"request {request_id!r} is still active", "id")
             )
-            return
+            return False
         if len(self.active) >= settings.max_streams_per_connection:
             await self.outbox.send_control(
                 Error(
-                    request.id,
+                    request_id,
                     ErrorCode.TOO_MANY_STREAMS,
                     f"this connection already runs {settings.max_streams_per_connection} generations; "
                     "wait for one to end or cancel one",
                 )
             )
+            return False
+        return True
+
+    async def _start_stream(self, request: ChatRequest) -> None:
+        if not await self._admissible(request.id):
             return
         wait = self.gateway.rate_limiter.admit(self.client, trio.current_time())
         if wait:
@@ -198,11 +214,39 @@ class Session:
             )
             return
         request_id = request.id if request.id is not None else self._assign_id()
-        scope = trio.CancelScope()
-        self.active[request_id] = scope
         self.requests += 1
         stats = RequestStats(received_at=trio.current_time())
-        nursery.start_soon(self._run_stream, request, request_id, scope, stats)
+        self.active[request_id] = self.gateway.registry.start(self, request, request_id, stats)
+
+    async def _resume(self, request: ResumeRequest) -> None:
+        if not await self._admissible(request.id):
+            return
+        generation = self.gateway.registry.resume(self, request)  # ProtocolError: resume_not_found, ...
+        if not generation.finished:
+            self.active[request.id] = generation
+
+    def generation_ended(self, generation: Generation) -> None:
+        """Its terminal event is queued (the registry calls this): it is no longer active here."""
+        request_id = generation.request_id
+        if self.active.get(request_id) is generation:
+            del self.active[request_id]
+        self._remember_ended(request_id)
+        self._touch()
+        if not self.active:
+            if self.draining:
+                self.outbox.close(CLOSE_GOING_AWAY, "server shutting down")
+            self.outbox.wake_writer()  # it may leave now
+
+    def taken_over(self, generation: Generation) -> None:
+        """Another connection resumed ``generation``: it is no longer ours (the registry calls this)."""
+        request_id = generation.request_id
+        if self.active.get(request_id) is generation:
+            del self.active[request_id]
+        self._remember_ended(request_id)
+        self.outbox.push_notice(Error(request_id, ErrorCode.RESUMED_ELSEWHERE,
+                                      "another connection resumed this generation", "id"))
+        if not self.active:
+            self.outbox.wake_writer()
 
     def _remember_ended(self, request_id: RequestId) -> None:
         ended = self._ended
@@ -220,18 +264,28 @@ class Session:
             if candidate not in self.active:
                 return candidate
 
-    async def _cancel(self, request_id: RequestId | None) -> None:
+    async def _cancel(self, request: CancelRequest) -> None:
+        request_id = request.id
+        self.gateway.metrics.cancels.inc()
+        if request.resume_token is not None:
+            assert request_id is not None
+            generation = self.gateway.registry.find(request_id, request.resume_token, self.key_id)
+            if generation.finished:
+                return  # its terminal event is in its log: a resume fetches it
+            generation.cancel()
+            if generation.session is not self:
+                # Stopped from a connection that does not own it: this one hears it too.
+                await self.outbox.send_control(Cancelled(request_id))
+            return
         if request_id is None:
             if not self.active:
                 await self.outbox.send_control(
                     Error(None, ErrorCode.NOTHING_TO_CANCEL, "no generation is active on this connection")
                 )
-            self.gateway.metrics.cancels.inc()
-            for scope in self.active.values():
-                scope.cancel()
+            for generation in list(self.active.values()):
+                generation.cancel()
             return
         found = self.active.get(request_id)
-        self.gateway.metrics.cancels.inc()
         if found is None:
             if self._ended is not None and request_id in self._ended:
                 return  # it ended while the cancel was on its way: its terminal event says how
@@ -240,61 +294,6 @@ class Session:
             )
             return
         found.cancel()
-
-    async def _run_stream(
-        self, request: ChatRequest, request_id: RequestId, scope: trio.CancelScope, stats: RequestStats
-    ) -> None:
-        sender = self.outbox.stream(request_id)
-        # Stays "aborted" when the connection itself ends: nothing can be sent then.
-        outcome, code = "aborted", None
-        try:
-            with scope:
-                terminal = await self._generate(request, request_id, sender, stats)
-                outcome, code = ("error", terminal.code) if isinstance(terminal, Error) else ("done", None)
-                sender.event(terminal)
-            if scope.cancelled_caught and not sender.finished:
-                if self._stopping:
-                    outcome, code = "error", ErrorCode.SHUTTING_DOWN.value
-                    sender.event(Error(request_id, code, "the server shut down before this generation finished"))
-                else:
-                    outcome = "cancelled"
-                    sender.event(Cancelled(request_id))
-        finally:
-            del self.active[request_id]
-            self._remember_ended(request_id)
-            self._touch()
-            if not self.active:
-                if self.draining:
-                    self.outbox.close(CLOSE_GOING_AWAY, "server shutting down")
-                self.outbox.wake_writer()  # it may leave now
-            now = trio.current_time()
-            tokens = stats.completion_tokens if stats.completion_tokens is not None else stats.deltas
-            self.gateway.rate_limiter.debit_tokens(self.client, tokens, now)
-            duration = now - stats.received_at
-            ttft_ms = stats.ttft_ms
-            self.gateway.metrics.request_finished(
-                outcome, code, stats.deltas, None if ttft_ms is None else ttft_ms / 1000.0, duration
-            )
-            log.info(
-                "request conn=%d id=%s outcome=%s%s tokens=%d ttft_ms=%s duration_ms=%.0f",
-                self.conn_id,
-                request_id,
-                outcome,
-                "" if code is None else f" code={code}",
-                stats.deltas,
-                "-" if ttft_ms is None else f"{ttft_ms:.0f}",
-                duration * 1000.0,
-            )
-
-    async def _generate(
-        self, request: ChatRequest, request_id: RequestId, sender: StreamSender, stats: RequestStats
-    ) -> Done | Error:
-        try:
-            return await self.gateway.generate(request, request_id, sender, stats)
-        except Exception:
-            # A bug of ours must cost one request, not the connection or the server.
-            log.exception("request conn=%d id=%s failed unexpectedly", self.conn_id, request_id)
-            return Error(request_id, ErrorCode.INTERNAL_ERROR, "internal error in the gateway")
 
     async def close_now(self, code: int, reason: str) -> None:
         """Best-effort close frame on a connection being torn down (a stalled client: 1008; a bug: 1011).
