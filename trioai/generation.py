@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Final
 import trio
 
 from .errors import ErrorCode, ProtocolError
-from .outbox import StreamSender
+from .outbox import EventEncoder, StreamSender
 from .protocol import Cancelled, ChatRequest, Done, Error, RequestId, ResumeRequest
 
 if TYPE_CHECKING:
@@ -108,14 +108,18 @@ class Registry:
             task_status.started()
             await trio.sleep_forever()
 
-    def start(self, session: Session, request: ChatRequest, request_id: RequestId, stats: RequestStats) -> Generation:
-        """Start a generation attached to ``session`` (its task runs in the registry's nursery)."""
+    def start(self, session: Session, request: ChatRequest, request_id: RequestId, stats: RequestStats,
+              encoder: EventEncoder | None = None) -> Generation:
+        """Start a generation attached to ``session`` (its task runs in the registry's nursery);
+        ``encoder`` is its wire protocol's when that is not ``/ws/chat`` (it is then not resumable)."""
         assert self._nursery is not None, "Registry.run is not running"
         settings = self.gateway.settings
         resumable = request.resumable if request.resumable is not None else settings.resumable_default
-        token = secrets.token_urlsafe(RESUME_TOKEN_BYTES) if resumable and settings.resume_window > 0 else None
+        token = (secrets.token_urlsafe(RESUME_TOKEN_BYTES)
+                 if resumable and settings.resume_window > 0 and encoder is None else None)
         sender = StreamSender(session.outbox, request_id, stream_buffer_bytes=settings.stream_buffer_bytes,
                               log_bytes_limit=settings.resume_buffer_bytes if token is not None else None)
+        sender.encoder = encoder
         generation = Generation(request_id, sender, token, session.key_id, session.client, session.conn_id, stats,
                                 session)
         if token is not None:

@@ -32,15 +32,18 @@ from __future__ import annotations
 import collections
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 import trio
 
 from .protocol import (
     TERMINAL_EVENTS,
     Queued,
+    Reasoning,
     RequestId,
     ServerEvent,
+    Token,
+    ToolCall,
     encode,
     encode_id,
     encode_reasoning,
@@ -49,6 +52,15 @@ from .protocol import (
 )
 
 DEFAULT_MAX_CONTROL: Final = 64
+
+
+class EventEncoder(Protocol):
+    """A wire protocol other than ``/ws/chat``: turns one generation's neutral events into frames."""
+
+    def encode(self, event: ServerEvent) -> list[str]:
+        """The frames for ``event`` (several, or none)."""
+        ...
+
 DEFAULT_CONNECTION_BUFFER_BYTES: Final = 262144
 
 
@@ -71,33 +83,47 @@ class _Entry:
         self.sealed = False
         self.drained: trio.Event | None = None
 
-    def take(self) -> str:
-        """The frame to send now; the entry is sealed from here on."""
-        frame = self.frame()
+    def take(self) -> str | list[str]:
+        """The frame(s) to send now; the entry is sealed from here on.
+
+        ``/ws/chat`` frames are built here; a stream with an ``encoder`` (another wire protocol)
+        gets the entry as a neutral event and the frames its encoder makes of it.
+        """
+        encoder = self.sender.encoder
+        frames = self.frame() if encoder is None else encoder.encode(self.event())
         self.sealed = True
         self.queued = False
         if self.drained is not None:
             self.drained.set()
             self.drained = None
-        return frame
+        return frames
 
     def frame(self) -> str:
+        """The ``/ws/chat`` frame of this entry."""
+        raise NotImplementedError
+
+    def event(self) -> ServerEvent:
+        """This entry as a neutral event (for another wire protocol's encoder)."""
         raise NotImplementedError
 
 
 class _Frame(_Entry):
     """A non-delta event (``start``, a terminal one), encoded once."""
 
-    __slots__ = ("text",)
+    __slots__ = ("text", "_event")
 
     def __init__(self, sender: StreamSender, seq: int, event: ServerEvent) -> None:
         super().__init__(sender, seq)
+        self._event = event
         self.text = encode(event, seq)
         self.size = len(self.text)
         self.sealed = True
 
     def frame(self) -> str:
         return self.text
+
+    def event(self) -> ServerEvent:
+        return self._event
 
 
 class _TextSlot(_Entry):
@@ -120,6 +146,13 @@ class _TextSlot(_Entry):
             return encode_reasoning(self.head, text)
         return encode_token(self.head, text, self.logprobs)
 
+    def event(self) -> ServerEvent:
+        text = "".join(self.parts)
+        request_id = self.sender.request_id
+        if self.reasoning:
+            return Reasoning(request_id, text)
+        return Token(request_id, text, None if self.logprobs is None else tuple(self.logprobs))
+
 
 class _ToolCallSlot(_Entry):
     """Fragments of one tool call (one ``index``)."""
@@ -139,6 +172,9 @@ class _ToolCallSlot(_Entry):
             parts[:] = ["".join(parts)]
         return encode_tool_call(self.head, self.index, self.call_id, self.name, parts[0] if parts else "")
 
+    def event(self) -> ServerEvent:
+        return ToolCall(self.sender.request_id, self.index, self.call_id, self.name, "".join(self.parts))
+
 
 class _QueuedSlot(_Entry):
     """A queue position; a newer position replaces an unsent one (same ``seq``)."""
@@ -152,6 +188,9 @@ class _QueuedSlot(_Entry):
 
     def frame(self) -> str:
         return encode(Queued(self.sender.request_id, self.position), self.seq)
+
+    def event(self) -> ServerEvent:
+        return Queued(self.sender.request_id, self.position)
 
 
 @dataclass(frozen=True)
@@ -275,13 +314,13 @@ class Outbox:
         if not self._items:
             self._items = None
 
-    def pop(self) -> str | CloseFrame | None:
-        """The next frame to send, or None when nothing is queued."""
+    def pop(self) -> str | list[str] | CloseFrame | None:
+        """The next frame (or frames, for a stream with an encoder) to send, or None when nothing is queued."""
         items = self._items
         if not items:
             return None
         item = items.popleft()
-        frame: str | CloseFrame
+        frame: str | list[str] | CloseFrame
         if type(item) is _Control:
             self.queued_bytes -= len(item.frame)
             self._control_pending -= 1
@@ -342,7 +381,8 @@ class StreamSender:
     """
 
     __slots__ = ("request_id", "id_json", "outbox", "stream_buffer_bytes", "log", "log_bytes", "log_bytes_limit",
-                 "finished", "_seq", "_last", "_tokens", "_reasoning", "_queued", "_attached", "on_log_change")
+                 "finished", "_seq", "_last", "_tokens", "_reasoning", "_queued", "_attached", "on_log_change",
+                 "encoder")
 
     def __init__(self, outbox: Outbox | None, request_id: RequestId, *, stream_buffer_bytes: int | None = None,
                  log_bytes_limit: int | None = None) -> None:
@@ -364,6 +404,7 @@ class StreamSender:
         self._queued: _QueuedSlot | None = None
         self._attached: trio.Event | None = None  # set when a detached, full generation may go on
         self.on_log_change: Callable[[int], None] | None = None  # told each change of log_bytes
+        self.encoder: EventEncoder | None = None  # another wire protocol's (None: /ws/chat frames)
 
     @property
     def last_seq(self) -> int:

@@ -39,7 +39,7 @@ from trio_websocket import ConnectionClosed, WebSocketConnection
 from .errors import ErrorCode, ProtocolError
 from .gateway import Gateway, RequestStats
 from .generation import Generation
-from .outbox import CloseFrame, Outbox
+from .outbox import CloseFrame, EventEncoder, Outbox
 from .protocol import (
     Cancelled,
     CancelRequest,
@@ -158,25 +158,28 @@ class Session:
         return True
 
     async def _receive_loop(self, nursery: trio.Nursery) -> None:
-        limits = self.gateway.limits
         while True:
             try:
                 data = await self.ws.get_message()
             except ConnectionClosed:
                 return
             self._touch()
-            try:
-                event = parse_client_event(data, limits)
-                if isinstance(event, ChatRequest):
-                    await self._start_stream(event)
-                elif isinstance(event, CancelRequest):
-                    await self._cancel(event)
-                elif isinstance(event, ResumeRequest):
-                    await self._resume(event)
-                elif isinstance(event, PingRequest):
-                    await self.outbox.send_control(Pong(event.id))
-            except ProtocolError as exc:
-                await self.outbox.send_control(error_from(exc))
+            await self.handle(data)
+
+    async def handle(self, data: str | bytes) -> None:
+        """Act on one client frame (``/ws/chat``'s events; another wire protocol overrides this)."""
+        try:
+            event = parse_client_event(data, self.gateway.limits)
+            if isinstance(event, ChatRequest):
+                await self._start_stream(event)
+            elif isinstance(event, CancelRequest):
+                await self._cancel(event)
+            elif isinstance(event, ResumeRequest):
+                await self._resume(event)
+            elif isinstance(event, PingRequest):
+                await self.outbox.send_control(Pong(event.id))
+        except ProtocolError as exc:
+            await self.outbox.send_control(error_from(exc))
 
     async def _admissible(self, request_id: RequestId | None) -> bool:
         """Whether this connection may take one more generation; if not, says why (an ``error``)."""
@@ -203,20 +206,26 @@ class Session:
             return False
         return True
 
-    async def _start_stream(self, request: ChatRequest) -> None:
+    async def _start_stream(self, request: ChatRequest, encoder: EventEncoder | None = None) -> Generation | None:
+        """Start a generation for ``request`` if this connection and client may (else an ``error``).
+
+        ``encoder``: the wire protocol's, when it is not ``/ws/chat``.
+        """
         if not await self._admissible(request.id):
-            return
+            return None
         wait = self.gateway.rate_limiter.admit(self.client, trio.current_time())
         if wait:
             await self.outbox.send_control(
                 Error(request.id, ErrorCode.RATE_LIMITED, f"rate limit reached; retry in {wait:.1f} s",
                       retry_after=round(wait + 0.05, 1))
             )
-            return
+            return None
         request_id = request.id if request.id is not None else self._assign_id()
         self.requests += 1
         stats = RequestStats(received_at=trio.current_time())
-        self.active[request_id] = self.gateway.registry.start(self, request, request_id, stats)
+        generation = self.active[request_id] = self.gateway.registry.start(self, request, request_id, stats,
+                                                                           encoder)
+        return generation
 
     async def _resume(self, request: ResumeRequest) -> None:
         if not await self._admissible(request.id):
@@ -349,7 +358,11 @@ class Session:
                     return
                 # No cancel scope per frame: tick() enforces the send timeout from this timestamp.
                 self._sending_since = trio.current_time()
-                await ws.send_message(frame)
+                if type(frame) is str:
+                    await ws.send_message(frame)
+                else:
+                    for part in frame:  # another wire protocol's frames for one event
+                        await ws.send_message(part)
                 self._sending_since = None
         except ConnectionClosed:
             # The client is gone: stop the receive loop and every generation with it.
