@@ -11,7 +11,7 @@ from typing import Any
 
 import trio
 import trio.testing
-from trio_websocket import WebSocketConnection, open_websocket_url
+from trio_websocket import ConnectionClosed, WebSocketConnection, open_websocket_url
 
 from trioai.server import RunningServer
 
@@ -111,3 +111,30 @@ def frame(opcode: int, payload: bytes, *, fin: bool = True, rsv: int = 0, mask: 
         return head + payload
     key = os.urandom(4)
     return head + key + bytes(b ^ key[i % 4] for i, b in enumerate(payload))
+
+
+async def read_generation(ws: WebSocketConnection, rid: Any, timeout: float = 60.0) -> list[dict[str, Any]]:
+    """``rid``'s events, ``seq`` kept, up to its terminal one (other ids' events are skipped)."""
+    events: list[dict[str, Any]] = []
+    while not events or events[-1]["type"] not in TERMINAL:
+        event = await recv(ws, timeout=timeout, keep_seq=True)
+        if event.get("id") == rid:
+            events.append(event)
+    return events
+
+
+async def read_until_cut(ws: WebSocketConnection, timeout: float = 60.0) -> list[dict[str, Any]]:
+    """Every event, as sent, until the connection drops."""
+    events: list[dict[str, Any]] = []
+    with trio.fail_after(timeout):
+        try:
+            while True:
+                events.append(json.loads(await ws.get_message()))
+        except ConnectionClosed:
+            return events
+
+
+def check_one_generation(events: list[dict[str, Any]]) -> None:
+    """seq 1, 2, 3 … without gap or repeat; exactly one terminal event, a done, at the end."""
+    assert [e["seq"] for e in events] == list(range(1, len(events) + 1)), [e["seq"] for e in events]
+    assert [e["type"] in TERMINAL for e in events].count(True) == 1 and events[-1]["type"] == "done", events[-1]

@@ -14,6 +14,7 @@ import sys
 from collections.abc import AsyncIterator
 from functools import partial
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 import trio
@@ -21,7 +22,16 @@ from trio_websocket import open_websocket_url
 
 from trioai.engine import MISSING_ENGINE_HELP, EngineMissing, check_engine_installed
 
-from .helpers import chat, collect_until_terminal, recv, send
+from .helpers import (
+    chat,
+    check_one_generation,
+    collect_until_terminal,
+    read_generation,
+    read_until_cut,
+    recv,
+    send,
+)
+from .proxy import CutProxy
 
 pytestmark = pytest.mark.engine
 
@@ -226,3 +236,56 @@ async def test_engine_outlives_the_thread_that_started_it(serve_process: ServePr
         await send(ws, chat(PROMPT, max_tokens=8))
         events = next(iter((await collect_until_terminal(ws)).values()))
     assert events[-1]["type"] == "done"
+
+
+# --- Resume: a generation outlives a connection cut mid-answer ---------------------------------------
+
+RESUME_TOKENS = 48
+# Bytes of the server's answer let through before the cut: the 101 handshake (~160), start with its
+# token (~120) and the first few token events (~55 each). A whole 48-token answer takes ~2,900.
+RESUME_CUT_AFTER = 600
+
+
+def resumable(rid: str) -> dict[str, Any]:
+    return chat(PROMPT, max_tokens=RESUME_TOKENS, id=rid, resumable=True, temperature=0, seed=7)
+
+
+async def test_a_cut_mid_answer_resumes_to_the_uninterrupted_text(
+    serve_process: ServeProcess, nursery: trio.Nursery
+) -> None:
+    server = urlsplit(serve_process.url)
+    assert server.hostname and server.port
+    proxy = CutProxy(server.hostname, server.port)
+    await nursery.start(proxy.serve)
+    # The reference: the same request, uninterrupted (through the proxy, uncut). Run twice: greedy
+    # llama.cpp gives the same text every time except the first after it starts, which evaluates the
+    # prompt cold (later runs take it from its prompt cache) and drifts after ~25 tokens.
+    async with open_websocket_url(proxy.url) as ws:
+        for rid in ("warm", "whole"):
+            await send(ws, resumable(rid))
+            whole = await read_generation(ws, rid)
+    check_one_generation(whole)
+    assert whole[-1]["finish_reason"] == "length" and whole[-1]["usage"]["completion_tokens"] == RESUME_TOKENS
+
+    proxy.cut_after = RESUME_CUT_AFTER
+    async with open_websocket_url(proxy.url) as ws:
+        await send(ws, resumable("cut"))
+        before = await read_until_cut(ws)
+    assert before[0]["type"] == "start" and before[-1]["type"] == "token", before[-1:]
+    assert 2 <= len(before) - 1 <= RESUME_TOKENS // 3, f"cut after {len(before) - 1} tokens, not a few"
+    async with open_websocket_url(serve_process.url) as ws:
+        await send(ws, {"type": "resume", "id": "cut", "resume_token": before[0]["resume_token"],
+                        "after": before[-1]["seq"]})
+        after = await read_generation(ws, "cut")
+    events = before + after
+    check_one_generation(events)
+    assert text_of(events) == text_of(whole)  # greedy: no gap, no duplicate, nothing re-generated
+    done = events[-1]
+    assert done["finish_reason"] == "length" and done["usage"]["completion_tokens"] == RESUME_TOKENS, done
+    # The gateway counts llama.cpp's deltas: one per token, a few joined at most on the resume.
+    assert len(after) >= 2 and len([e for e in events if e["type"] == "token"]) <= RESUME_TOKENS
+    # The engine ran it once: one log line of its end, and it was resumed, not restarted.
+    await serve_process.wait_for(r"id=cut resumed after=")
+    outcome = await serve_process.wait_for(r"id=cut outcome=(\S+)")
+    assert outcome.group(1) == "done", outcome.group(0)
+    assert len([line for line in serve_process.lines if re.search(r"id=cut outcome=", line)]) == 1

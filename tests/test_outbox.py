@@ -17,6 +17,7 @@ async def next_frame(outbox: Outbox) -> str | CloseFrame:
     """What the session's writer does: the next frame, waiting while there is none."""
     while (frame := outbox.pop()) is None:
         await outbox.wait()
+    assert not isinstance(frame, list)  # several frames per entry only for another wire protocol
     return frame
 
 

@@ -7,7 +7,6 @@ server's answer, with an RST or a FIN, as a network would.
 
 from __future__ import annotations
 
-import json
 import logging
 from typing import Any
 
@@ -15,17 +14,15 @@ import pytest
 import trio
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from trio_websocket import ConnectionClosed, WebSocketConnection, open_websocket_url
+from trio_websocket import open_websocket_url
 
 from trioai.config import Settings
 from trioai.fake_upstream import FakeUpstream, Script
 from trioai.server import RunningServer, serve
 
 from .conftest import StartGateway
-from .helpers import chat, recv, send
+from .helpers import TERMINAL, chat, check_one_generation, read_generation, read_until_cut, recv, send
 from .proxy import CutProxy
-
-TERMINAL = ("done", "cancelled", "error")
 
 
 def numbered(count: int) -> str:
@@ -39,29 +36,9 @@ def numbered_script(delay: float = 0.005) -> Any:
     return script
 
 
-async def until_terminal(ws: WebSocketConnection, rid: Any, events: list[dict[str, Any]]) -> None:
-    """Append ``rid``'s events (with seq) to ``events`` until its terminal one; others are ignored."""
-    while True:
-        event = await recv(ws, keep_seq=True)
-        if event.get("id") == rid:
-            events.append(event)
-            if event["type"] in TERMINAL:
-                return
-
-
-async def read_until_cut(ws: WebSocketConnection, events: list[dict[str, Any]]) -> None:
-    """Append every event until the connection drops."""
-    try:
-        while True:
-            events.append(json.loads(await ws.get_message()))
-    except ConnectionClosed:
-        return
-
-
 def check_exact(events: list[dict[str, Any]], text: str) -> None:
-    """seq 1, 2, 3 … without gap or repeat, one terminal event at the end, and the exact text."""
-    assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
-    assert [e["type"] for e in events].count("done") == 1 and events[-1]["type"] == "done"
+    """One generation's events, whole (see check_one_generation), and exactly ``text``."""
+    check_one_generation(events)
     assert "".join(e["content"] for e in events if e["type"] == "token") == text
 
 
@@ -81,7 +58,7 @@ async def test_every_event_of_a_generation_carries_seq(gateway: RunningServer, u
         await send(ws, chat("x", max_tokens=20, id="a"))
         await send(ws, {"type": "ping", "id": 1})
         events: list[dict[str, Any]] = []
-        await until_terminal(ws, "a", events)
+        events.extend(await read_generation(ws, "a"))
     check_exact(events, numbered(20))
     assert events[0]["type"] == "start" and "resume_token" not in events[0]  # not resumable: no token
 
@@ -107,13 +84,13 @@ async def test_a_cut_mid_answer_is_resumed_exactly(proxied: tuple[RunningServer,
     before: list[dict[str, Any]] = []
     async with open_websocket_url(proxy.url) as ws:
         await send(ws, chat("x", max_tokens=200, id="g", resumable=True))
-        await read_until_cut(ws, before)
+        before.extend(await read_until_cut(ws))
     assert before and before[-1]["type"] not in TERMINAL
     token = before[0]["resume_token"]
     async with open_websocket_url(server.url) as ws:
         await send(ws, {"type": "resume", "id": "g", "resume_token": token, "after": before[-1]["seq"]})
         after: list[dict[str, Any]] = []
-        await until_terminal(ws, "g", after)
+        after.extend(await read_generation(ws, "g"))
     check_exact(before + after, numbered(200))
     assert len(upstream.requests) == 1 and upstream.requests[0].completed  # ran once, to its end
 
@@ -123,12 +100,12 @@ async def test_a_done_lost_on_the_wire_can_still_be_fetched(gateway: RunningServ
     async with open_websocket_url(gateway.url) as ws:
         await send(ws, chat("x", max_tokens=5, id="d", resumable=True))
         events: list[dict[str, Any]] = []
-        await until_terminal(ws, "d", events)
+        events.extend(await read_generation(ws, "d"))
     async with open_websocket_url(gateway.url) as ws:
         await send(ws, {"type": "resume", "id": "d", "resume_token": events[0]["resume_token"],
                         "after": events[-2]["seq"]})
         again: list[dict[str, Any]] = []
-        await until_terminal(ws, "d", again)
+        again.extend(await read_generation(ws, "d"))
     assert again == [events[-1]]  # the same done, with the same seq
 
 
@@ -144,10 +121,10 @@ async def test_a_second_attach_takes_over_and_the_first_hears_of_it(
             seen.append(await recv(first, keep_seq=True))
         await send(second, {"type": "resume", "id": "t", "resume_token": seen[0]["resume_token"], "after": 3})
         rest: list[dict[str, Any]] = []
-        await until_terminal(second, "t", rest)
+        rest.extend(await read_generation(second, "t"))
         # The first connection's last word on "t" is resumed_elsewhere; nothing of "t" after it.
         tail: list[dict[str, Any]] = []
-        await until_terminal(first, "t", tail)
+        tail.extend(await read_generation(first, "t"))
         await send(first, {"type": "ping", "id": 1})
         assert await recv(first) == {"type": "pong", "id": 1}
     assert tail[-1]["type"] == "error" and tail[-1]["code"] == "resumed_elsewhere"
@@ -230,7 +207,7 @@ async def test_a_detached_generation_with_a_full_log_waits_for_its_client(
         await send(ws, {"type": "resume", "id": "f", "resume_token": first[0]["resume_token"],
                         "after": first[-1]["seq"]})
         rest: list[dict[str, Any]] = []
-        await until_terminal(ws, "f", rest)
+        rest.extend(await read_generation(ws, "f"))
     check_exact(first + rest, numbered(3000))
 
 
@@ -281,13 +258,13 @@ async def test_any_cut_and_any_after_give_the_exact_text(cut: int, back: int, rs
         before: list[dict[str, Any]] = []
         async with open_websocket_url(proxy.url) as ws:
             await send(ws, chat("x", max_tokens=120, id="h", resumable=True))
-            await read_until_cut(ws, before)
+            before.extend(await read_until_cut(ws))
         if before:  # else the cut came inside the handshake: nothing to resume
             before = before[:max(1, len(before) - back)]  # as if the client had kept fewer events
             async with open_websocket_url(server.url) as ws:
                 await send(ws, {"type": "resume", "id": "h", "resume_token": before[0]["resume_token"],
                                 "after": before[-1]["seq"]})
                 after: list[dict[str, Any]] = []
-                await until_terminal(ws, "h", after)
+                after.extend(await read_generation(ws, "h"))
             check_exact(before + after, numbered(120))
         nursery.cancel_scope.cancel()

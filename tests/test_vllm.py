@@ -25,7 +25,16 @@ from trio_websocket import open_websocket_url
 from trioai.config import Settings
 from trioai.server import RunningServer, serve
 
-from .helpers import chat, collect_until_terminal, recv, send
+from .helpers import (
+    chat,
+    check_one_generation,
+    collect_until_terminal,
+    read_generation,
+    read_until_cut,
+    recv,
+    send,
+)
+from .proxy import CutProxy
 
 pytestmark = pytest.mark.vllm
 
@@ -376,3 +385,74 @@ async def test_tool_calls_through_trioai_match_vllm_itself(
     assert shape(by_index) == shape([direct["calls"][i] for i in sorted(direct["calls"])])
     assert text_of(events) == direct["content"]
     assert done["finish_reason"] == direct["finish_reason"]
+
+
+# --- Resume: a generation outlives a connection cut mid-answer ---------------------------------------
+
+RESUME_TOKENS = 48
+# Bytes of the server's answer let through before the cut: the 101 handshake, start with its token
+# and the first few token events. A whole 48-token answer takes ~2,900.
+RESUME_CUT_AFTER = 600
+
+
+def resumable(rid: str) -> dict[str, Any]:
+    return chat(PROMPT, max_tokens=RESUME_TOKENS, id=rid, resumable=True, temperature=0, seed=7)
+
+
+async def finished_requests(vllm_url: str) -> dict[str, float]:
+    """vLLM's ``vllm:request_success_total`` by ``finished_reason`` (summed over other labels)."""
+    metrics_url = vllm_url.removesuffix("/v1") + "/metrics"
+    async with httpx.AsyncClient(timeout=10.0) as client:
+        response = await client.get(metrics_url)
+    response.raise_for_status()
+    counts: dict[str, float] = {}
+    for line in response.text.splitlines():
+        if m := re.match(r"vllm:request_success_total\{(.*)\} (\S+)$", line):
+            reason = re.search(r'finished_reason="([^"]*)"', m.group(1))
+            assert reason, line
+            counts[reason.group(1)] = counts.get(reason.group(1), 0.0) + float(m.group(2))
+    assert counts, "vLLM's /metrics has no vllm:request_success_total"
+    return counts
+
+
+async def test_a_cut_mid_answer_resumes_and_vllm_runs_it_once(
+    vllm_gateway: RunningServer, vllm_url: str, nursery: trio.Nursery
+) -> None:
+    proxy = CutProxy(vllm_gateway.host, vllm_gateway.port)
+    await nursery.start(proxy.serve)
+    # The reference: the same request, uninterrupted.
+    async with open_websocket_url(vllm_gateway.url) as ws:
+        await send(ws, resumable("whole"))
+        whole = await read_generation(ws, "whole")
+    check_one_generation(whole)
+    assert whole[-1]["finish_reason"] == "length" and whole[-1]["usage"]["completion_tokens"] == RESUME_TOKENS
+
+    await wait_engine_idle(vllm_url)
+    finished_before = await finished_requests(vllm_url)
+    generated_before = (await engine_metrics(vllm_url))["vllm:generation_tokens_total"]
+    proxy.cut_after = RESUME_CUT_AFTER
+    async with open_websocket_url(proxy.url) as ws:
+        await send(ws, resumable("cut"))
+        before = await read_until_cut(ws)
+    assert before[0]["type"] == "start" and before[-1]["type"] == "token", before[-1:]
+    assert 2 <= len(before) - 1 <= RESUME_TOKENS // 3, f"cut after {len(before) - 1} tokens, not a few"
+    async with open_websocket_url(vllm_gateway.url) as ws:
+        await send(ws, {"type": "resume", "id": "cut", "resume_token": before[0]["resume_token"],
+                        "after": before[-1]["seq"]})
+        after = await read_generation(ws, "cut")
+    events = before + after
+    check_one_generation(events)
+    assert text_of(events) == text_of(whole)  # greedy: no gap, no duplicate, nothing re-generated
+    done = events[-1]
+    assert done["usage"]["source"] == "engine" and done["usage"]["completion_tokens"] == RESUME_TOKENS, done
+    assert len(after) >= 2 and len([e for e in events if e["type"] == "token"]) <= RESUME_TOKENS
+
+    # vLLM's witness: one request more, finished by length (not aborted, not run again), 48 tokens.
+    await wait_engine_idle(vllm_url)
+    with trio.fail_after(10):
+        while (finished_after := await finished_requests(vllm_url)) == finished_before:
+            await trio.sleep(0.05)
+    ran = {reason: count - finished_before.get(reason, 0.0) for reason, count in finished_after.items()}
+    assert {reason: count for reason, count in ran.items() if count} == {"length": 1.0}, ran
+    generated = (await engine_metrics(vllm_url))["vllm:generation_tokens_total"] - generated_before
+    assert generated == RESUME_TOKENS
