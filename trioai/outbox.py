@@ -257,6 +257,10 @@ class Outbox:
 
     async def send_control(self, event: ServerEvent) -> None:
         """Queue a connection-level event; waits while ``max_control`` are unsent."""
+        await self.send_frame(encode(event))
+
+    async def send_frame(self, frame: str) -> None:
+        """Queue a connection-level frame already encoded (another wire protocol's); as :meth:`send_control`."""
         while self._control_pending >= self.max_control:
             if self._control_lot is None:
                 self._control_lot = trio.lowlevel.ParkingLot()
@@ -265,7 +269,6 @@ class Outbox:
         if self.closing:
             return
         self._control_pending += 1
-        frame = encode(event)
         self.queued_bytes += len(frame)
         self._push(_Control(frame))
 

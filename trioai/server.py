@@ -56,6 +56,7 @@ from .config import Settings
 from .gateway import EngineWatch, Gateway
 from .http import Response, Route, serve_http
 from .metrics import CONTENT_TYPE
+from .responses_session import ResponsesSession
 from .session import Session
 from .singleflight import SharedCall
 from .sockets import ClientStream
@@ -66,6 +67,9 @@ from .wsframing import wrap_server_stream  # trio-websocket's, plus a close fram
 log = logging.getLogger("trioai.server")
 
 CHAT_PATH: Final = "/ws/chat"
+RESPONSES_PATH: Final = "/v1/responses"  # OpenAI's Responses WebSocket mode (responses_session.py)
+#: The wire protocol each path speaks: one core, a session class per protocol.
+SESSION_TYPES: Final[dict[str, type[Session]]] = {CHAT_PATH: Session, RESPONSES_PATH: ResponsesSession}
 # Messages trio-websocket buffers between its reader and our receive loop; ours never blocks long.
 MESSAGE_QUEUE_SIZE: Final = 4
 CLOSE_INTERNAL_ERROR: Final = 1011
@@ -100,6 +104,13 @@ class RunningServer:
         """The chat endpoint, e.g. ``ws://127.0.0.1:8080/ws/chat`` (``wss://`` with TLS)."""
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"{'wss' if self.tls else 'ws'}://{host}:{self.port}{CHAT_PATH}"
+
+    @property
+    def openai_base_url(self) -> str:
+        """The ``base_url`` for OpenAI's SDK, e.g. ``http://127.0.0.1:8080/v1`` (it derives
+        ``ws://…/v1/responses`` from it)."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{'https' if self.tls else 'http'}://{host}:{self.port}/v1"
 
 
 class Server:
@@ -250,8 +261,9 @@ class Server:
         if self.draining:
             await reject(request, 503, "server shutting down")
             return None
-        if path != CHAT_PATH:
-            await reject(request, 404, f"not found; the chat endpoint is {CHAT_PATH}")
+        session_type = SESSION_TYPES.get(path)
+        if session_type is None:
+            await reject(request, 404, f"not found; the endpoints are {CHAT_PATH} and {RESPONSES_PATH}")
             return None
         if len(self.sessions) + self._accepting >= self.gateway.settings.max_connections:
             self.gateway.metrics.handshakes_rejected.labels("503").inc()
@@ -280,7 +292,7 @@ class Server:
         self.gateway.metrics.connections.inc()
         conn_id = next(self._conn_ids)
         address = client_address(peer[0] if peer else None, request.headers, self.trusted_proxies)
-        session = Session(ws, self.gateway, conn_id, decision.key_id or address or "-", decision.key_id)
+        session = session_type(ws, self.gateway, conn_id, decision.key_id or address or "-", decision.key_id)
         self.sessions.add(session)
         if self.draining:
             session.drain()

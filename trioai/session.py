@@ -181,21 +181,25 @@ class Session:
         except ProtocolError as exc:
             await self.outbox.send_control(error_from(exc))
 
+    async def refuse(self, error: Error) -> None:
+        """Tell the client a request was refused (another wire protocol encodes it its own way)."""
+        await self.outbox.send_control(error)
+
     async def _admissible(self, request_id: RequestId | None) -> bool:
         """Whether this connection may take one more generation; if not, says why (an ``error``)."""
         settings = self.gateway.settings
         if self.draining:
-            await self.outbox.send_control(
+            await self.refuse(
                 Error(request_id, ErrorCode.SHUTTING_DOWN, "the server is shutting down; reconnect and retry")
             )
             return False
         if request_id is not None and request_id in self.active:
-            await self.outbox.send_control(
+            await self.refuse(
                 Error(request_id, ErrorCode.DUPLICATE_ID, f"request {request_id!r} is still active", "id")
             )
             return False
         if len(self.active) >= settings.max_streams_per_connection:
-            await self.outbox.send_control(
+            await self.refuse(
                 Error(
                     request_id,
                     ErrorCode.TOO_MANY_STREAMS,
@@ -215,7 +219,7 @@ class Session:
             return None
         wait = self.gateway.rate_limiter.admit(self.client, trio.current_time())
         if wait:
-            await self.outbox.send_control(
+            await self.refuse(
                 Error(request.id, ErrorCode.RATE_LIMITED, f"rate limit reached; retry in {wait:.1f} s",
                       retry_after=round(wait + 0.05, 1))
             )
