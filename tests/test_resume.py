@@ -268,3 +268,26 @@ async def test_any_cut_and_any_after_give_the_exact_text(cut: int, back: int, rs
                 after.extend(await read_generation(ws, "h"))
             check_exact(before + after, numbered(120))
         nursery.cancel_scope.cancel()
+
+
+async def test_resume_on_a_new_connection_while_the_old_one_is_half_open(
+    proxied: tuple[RunningServer, CutProxy], upstream: FakeUpstream
+) -> None:
+    """The client's side is gone but the server's is still up (no RST, no FIN reached it): the new
+    connection takes the generation over at once, without waiting for the old one to time out."""
+    server, proxy = proxied
+    proxy.half_open = True
+    proxy.cut_after = 1200
+    before: list[dict[str, Any]] = []
+    async with open_websocket_url(proxy.url) as ws:
+        await send(ws, chat("x", max_tokens=300, id="half", resumable=True))
+        before.extend(await read_until_cut(ws))
+    (relay,) = proxy.relays
+    assert not relay.server.socket.fileno() < 0  # the server's side of the old connection is still open
+    assert len(server.server.sessions) == 1  # and the server still counts it as connected
+    async with open_websocket_url(server.url) as ws:
+        await send(ws, {"type": "resume", "id": "half", "resume_token": before[0]["resume_token"],
+                        "after": before[-1]["seq"]})
+        after = await read_generation(ws, "half")
+    check_exact(before + after, numbered(300))
+    await relay.server.aclose()
