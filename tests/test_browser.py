@@ -3,6 +3,7 @@ once, queue position, errors. Saves a screenshot to artifacts/chat-page.png."""
 
 from __future__ import annotations
 
+import json
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -16,7 +17,18 @@ from trioai.fake_upstream import FakeUpstream, Script
 from trioai.server import chat_page
 
 from .conftest import StartGateway
-from .test_client import DONE_TOOL_CALLS, USAGE, ScriptedServer, ScriptItem, engine_rich_script, rich_events
+from .proxy import CutProxy
+from .test_client import (
+    COUNT,
+    DONE_TOOL_CALLS,
+    NUMBERED,
+    USAGE,
+    ScriptedServer,
+    ScriptItem,
+    engine_rich_script,
+    numbered_script,
+    rich_events,
+)
 
 ARTIFACTS = Path(__file__).resolve().parent.parent / "artifacts"
 CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -335,3 +347,61 @@ async def test_end_to_end_reasoning_and_tool_calls(
     assert seen == {"state": "done", "text": "Checking.", "reasoningHidden": False, "reasoningOpen": False,
                     "summary": "Reasoning", "reasoning": "The user asks for the weather.", "toolsHidden": False,
                     "tools": TOOLS_SHOWN}
+
+
+# --- Resume: an answer survives a cut connection (tests/proxy.py between the page and the gateway). ---
+
+
+def drive_resume(chromium: str, page_url: str) -> dict[str, Any]:
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, headless=True, args=CHROMIUM_FLAGS)
+        try:
+            page = browser.new_page()
+            page.add_init_script(STATE_RECORDER)
+            sent: list[str] = []
+            page.on("websocket", lambda socket: socket.on("framesent", lambda payload: sent.append(str(payload))))
+            page.goto(page_url)
+            page.wait_for_selector("#status.connected", timeout=10_000)
+            page.locator("details summary").first.click()  # Settings
+            page.fill("#max", str(COUNT))
+            page.fill("#prompt", "count")
+            page.click("#send")
+            page.wait_for_selector('.answer[data-id="b1"]:is(.state-done, .state-error, .state-cancelled)',
+                                   timeout=30_000)
+            seen = card_info(page, "b1")
+            seen["usage"] = page.locator('.answer[data-id="b1"] .usage').inner_text()
+            seen["history"] = page.evaluate("() => window.__states")["b1"]
+            seen["sent"] = [json.loads(frame) for frame in sent]
+            return seen
+        finally:
+            browser.close()
+
+
+@pytest.mark.parametrize("rst", [True, False], ids=["rst", "fin"])
+async def test_page_resumes_an_answer_after_a_cut(
+    nursery: trio.Nursery, start_gateway: StartGateway, upstream: FakeUpstream, chromium: str, rst: bool
+) -> None:
+    upstream.script = numbered_script
+    server = await start_gateway(http_port=0)
+    assert server.http_url is not None
+    proxy = CutProxy("127.0.0.1", server.port)
+    await nursery.start(proxy.serve)
+    proxy.rst = rst
+    proxy.cut_after = 3000  # the page's WebSocket goes through the proxy, cut mid-answer
+    with trio.fail_after(120):
+        seen = await trio.to_thread.run_sync(drive_resume, chromium, f"{server.http_url}/?ws={proxy.url}")
+    assert seen["state"] == "done"
+    assert seen["text"] == NUMBERED  # the whole answer, once
+    assert "reconnected" in seen["usage"]
+    assert len(proxy.relays) == 2 and proxy.relays[0].to_client == 3000
+    assert len(upstream.requests) == 1  # resumed, not asked again
+    message, resume = seen["sent"]
+    assert message["type"] == "message" and message["resumable"] is True
+    assert resume["type"] == "resume" and resume["id"] == "b1" and resume["resume_token"]
+    assert 1 < resume["after"] < COUNT + 2  # the last seq it had: mid-answer
+    # What the user saw: "reconnecting…" with part of the text, then the rest; never an error.
+    states = [row[:2] for row in seen["history"]]
+    assert any(state == "reconnecting…" and 0 < length < len(NUMBERED) for state, length in states), states
+    assert not any("error" in state for state, _ in states), states

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import pexpect
@@ -14,7 +14,17 @@ import trio
 from trioai.fake_upstream import FakeUpstream, Script
 
 from .conftest import StartGateway
-from .test_client import USAGE, ScriptedServer, ScriptItem, engine_rich_script, rich_events
+from .proxy import CutProxy
+from .test_client import (
+    COUNT,
+    NUMBERED,
+    USAGE,
+    ScriptedServer,
+    ScriptItem,
+    engine_rich_script,
+    numbered_script,
+    rich_events,
+)
 
 
 def script(body: dict[str, Any]) -> Script:
@@ -183,3 +193,63 @@ async def test_end_to_end_reasoning_and_tool_calls(start_gateway: StartGateway, 
     assert stdout == 'Checking.\n→ get_weather({"city": "Paris"})\n→ get_time({"tz": "CET"})\n'
     assert stderr.startswith("The user asks for the weather.\n")
     assert "finish: tool_calls" in stderr
+
+
+# --- Resume: an answer survives a cut connection (tests/proxy.py between the chat and the gateway). ----
+
+
+@pytest.fixture
+async def proxy(nursery: trio.Nursery, start_gateway: StartGateway, upstream: FakeUpstream) -> CutProxy:
+    upstream.script = numbered_script
+    server = await start_gateway()
+    cut_proxy = CutProxy("127.0.0.1", server.port)
+    await nursery.start(cut_proxy.serve)
+    return cut_proxy
+
+
+@pytest.mark.parametrize("rst", [True, False], ids=["rst", "fin"])
+async def test_once_answer_survives_a_cut(proxy: CutProxy, upstream: FakeUpstream, rst: bool) -> None:
+    proxy.rst = rst
+    proxy.cut_after = 3000  # mid-answer
+    result = await trio.run_process(
+        [sys.executable, "-m", "trioai", "chat", proxy.url, "--once", "count", "--max-tokens", str(COUNT)],
+        capture_stdout=True, capture_stderr=True, check=False)
+    stdout, stderr = result.stdout.decode(), result.stderr.decode()
+    assert result.returncode == 0, stderr
+    assert stdout == NUMBERED + "\n"  # the whole answer, once
+    assert "(reconnected)" in stderr
+    assert len(proxy.relays) == 2 and proxy.relays[0].to_client == 3000
+    assert len(upstream.requests) == 1
+
+
+def cut_session(url: str, cut: Callable[[], None]) -> list[str]:
+    child = spawn(url, "--max-tokens", str(COUNT))
+    try:
+        child.expect_exact("you> ")
+        child.sendline("count")
+        child.expect_exact("w40 ")
+        head = child.before + child.after
+        trio.from_thread.run_sync(cut)  # mid-answer
+        child.expect_exact("w199 ")
+        answer = head + child.before + child.after
+        child.expect_exact(f"finish: stop, (reconnected){RESET}")  # dim, in the stats line
+        child.expect_exact("you> ")
+        trio.from_thread.run_sync(cut)  # between turns: the next one reconnects first
+        child.sendline("again")
+        child.expect_exact("w199 ")
+        again = child.before
+        child.expect_exact("you> ")
+        child.sendeof()
+        child.expect(pexpect.EOF)
+    finally:
+        child.close()
+    return [str(child.exitstatus), answer, again]
+
+
+async def test_interactive_answer_survives_a_cut(proxy: CutProxy) -> None:
+    with trio.fail_after(60):
+        status, answer, again = await trio.to_thread.run_sync(cut_session, proxy.url, proxy.cut)
+    assert status == "0"
+    assert answer.endswith("\r\n" + NUMBERED)  # the whole answer, once, after the echoed prompt
+    assert again.endswith("\r\n" + NUMBERED[:-len("w199 ")])  # the next turn, on a new connection
+    assert len(proxy.relays) == 3

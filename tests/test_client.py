@@ -11,7 +11,13 @@ from typing import Any
 
 import pytest
 import trio
-from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest, serve_websocket
+from trio_websocket import (
+    ConnectionClosed,
+    WebSocketConnection,
+    WebSocketRequest,
+    open_websocket_url,
+    serve_websocket,
+)
 
 import trioai.client
 from trioai.client import (
@@ -23,9 +29,11 @@ from trioai.client import (
     ToolCallDelta,
 )
 from trioai.fake_upstream import Delta, FakeUpstream, Script, ToolDelta
+from trioai.server import RunningServer
 
 from .conftest import StartGateway
 from .helpers import echo_tokens
+from .proxy import CutProxy
 
 
 def user(text: str) -> list[dict[str, Any]]:
@@ -443,3 +451,247 @@ async def test_end_to_end_logprobs(start_gateway: StartGateway, upstream: FakeUp
         assert await stream.text() == "Hello"
     assert [entry["token"] for entry in stream.logprobs] == ["Hel", "lo"]
     assert all(len(entry["top_logprobs"]) == 1 for entry in stream.logprobs)
+
+
+# --- Resume: generations that survive a cut connection (tests/proxy.py between client and gateway). ----
+
+COUNT = 200
+NUMBERED = "".join(f"w{i} " for i in range(COUNT))
+
+
+def numbered_script(body: dict[str, Any]) -> Script:
+    """``w0 w1 … w{max_tokens-1}``, paced: an answer long enough to cut in the middle."""
+    return Script(tokens=tuple(f"w{i} " for i in range(body["max_tokens"])), delay=0.005)
+
+
+class GatewayProxy(CutProxy):
+    """A cuttable proxy in front of ``gateway``."""
+
+    def __init__(self, gateway: RunningServer) -> None:
+        super().__init__("127.0.0.1", gateway.port)
+        self.gateway = gateway
+
+
+@pytest.fixture
+async def proxied(nursery: trio.Nursery, start_gateway: StartGateway, upstream: FakeUpstream) -> GatewayProxy:
+    """A cuttable proxy in front of a gateway whose engine counts ``w0 w1 …``."""
+    upstream.script = numbered_script
+    proxy = GatewayProxy(await start_gateway())
+    await nursery.start(proxy.serve)
+    return proxy
+
+
+def resumes_on(server: RunningServer) -> float:
+    """How many ``resume`` attaches the server counted."""
+    return server.gateway.metrics.registry.get_sample_value("trioai_resumes_total") or 0.0
+
+
+@pytest.mark.parametrize("rst", [True, False], ids=["rst", "fin"])
+async def test_resume_after_a_cut_mid_answer(proxied: GatewayProxy, upstream: FakeUpstream, rst: bool) -> None:
+    proxied.rst = rst
+    proxied.cut_after = 3000  # the handshake and some 50 events: mid-answer
+    async with (
+        trioai.client.connect(proxied.url, resume=True) as conn,
+        conn.generate(user("count"), max_tokens=COUNT) as stream,
+    ):
+        text = await stream.text()
+    assert text == NUMBERED  # whole, and once
+    assert stream.resumes == 1 and conn.reconnects == 1
+    assert stream.resume_token is not None
+    assert len(proxied.relays) == 2 and proxied.relays[0].to_client == 3000
+    assert stream.usage is not None and stream.usage["completion_tokens"] == COUNT
+    assert len(upstream.requests) == 1  # the same generation went on: not asked again
+    assert resumes_on(proxied.gateway) == 1
+
+
+async def test_resume_after_two_cuts(proxied: GatewayProxy) -> None:
+    pieces: list[str] = []
+    async with (
+        trioai.client.connect(proxied.url, resume=True) as conn,
+        conn.generate(user("count"), max_tokens=COUNT) as stream,
+    ):
+        async for piece in stream:
+            pieces.append(piece)
+            text = "".join(pieces)
+            first_cut = len(proxied.relays) == 1 and "w40 " in text
+            second_cut = len(proxied.relays) == 2 and stream.resumes == 1 and "w120 " in text
+            if first_cut or second_cut:
+                proxied.cut()
+    assert "".join(pieces) == NUMBERED
+    assert stream.resumes == 2 and conn.reconnects == 2 and len(proxied.relays) == 3
+
+
+async def test_a_finished_stream_is_not_resumed(proxied: GatewayProxy) -> None:
+    async with (
+        trioai.client.connect(proxied.url, resume=True) as conn,
+        conn.generate(user("short"), max_tokens=5) as short,
+    ):
+        assert await short.text() == "w0 w1 w2 w3 w4 "
+        async with conn.generate(user("count"), max_tokens=COUNT) as long:
+            first = await long.__anext__()
+            proxied.cut()  # the short one is done, the long one streams
+            rest = await long.text()
+    assert first + rest == NUMBERED
+    assert (short.resumes, long.resumes) == (0, 1)
+    assert resumes_on(proxied.gateway) == 1
+
+
+async def test_a_cut_after_done_reconnects_only_when_needed(proxied: GatewayProxy) -> None:
+    async with trioai.client.connect(proxied.url, resume=True) as conn:
+        async with conn.generate(user("short"), max_tokens=5) as stream:
+            assert await stream.text() == "w0 w1 w2 w3 w4 "
+            proxied.cut()  # `done` has arrived: nothing to resume
+            await trio.sleep(0.3)
+            assert len(proxied.relays) == 1 and conn.reconnects == 0 and stream.resumes == 0
+        # The next generation reconnects first.
+        async with conn.generate(user("again"), max_tokens=3) as again:
+            assert await again.text() == "w0 w1 w2 "
+    assert len(proxied.relays) == 2 and again.resumes == 0
+    assert resumes_on(proxied.gateway) == 0
+
+
+async def test_resume_not_found_after_a_server_restart(proxied: GatewayProxy, start_gateway: StartGateway) -> None:
+    restarted = await start_gateway()  # knows nothing of the first one's generations
+    streams: list[trioai.client.Stream] = []
+
+    async def read(conn: trioai.client.Connection) -> None:
+        async with conn.generate(user("count"), max_tokens=COUNT) as stream:
+            streams.append(stream)
+            async for _ in stream:
+                if len(proxied.relays) == 1:
+                    proxied.target = ("127.0.0.1", restarted.port)
+                    proxied.cut()
+
+    async with trioai.client.connect(proxied.url, resume=True) as conn:
+        with pytest.raises(GenerationError) as caught:
+            await read(conn)
+    assert caught.value.code == "resume_not_found"
+    assert not isinstance(caught.value, trioai.client.ResumedElsewhere)
+    assert streams[0].resumes == 1
+
+
+async def test_resumed_elsewhere_ends_the_stream_here(proxied: GatewayProxy) -> None:
+    server = proxied.gateway
+    other_events: list[dict[str, Any]] = []
+    got: list[str] = []
+
+    async def read_while_another_resumes(conn: trioai.client.Connection) -> None:
+        async with conn.generate(user("count"), max_tokens=COUNT) as stream:
+            got.append(await stream.__anext__())
+            assert stream.resume_token is not None
+            async with open_websocket_url(server.url) as other:
+                await other.send_message(json.dumps({"type": "resume", "id": stream.id,
+                                                     "resume_token": stream.resume_token, "after": 0}))
+                while not other_events or other_events[-1]["type"] != "done":
+                    with trio.fail_after(10):
+                        other_events.append(json.loads(await other.get_message()))
+                async for piece in stream:
+                    got.append(piece)
+
+    async with trioai.client.connect(server.url, resume=True) as conn:
+        with pytest.raises(trioai.client.ResumedElsewhere) as caught:
+            await read_while_another_resumes(conn)
+    assert isinstance(caught.value, GenerationError) and caught.value.code == "resumed_elsewhere"
+    assert "another connection" in str(caught.value)
+    assert NUMBERED.startswith("".join(got))  # what it had, and nothing twice
+    assert "".join(e.get("content", "") for e in other_events if e["type"] == "token") == NUMBERED
+
+
+async def test_reconnecting_gives_up(proxied: GatewayProxy) -> None:
+    with trio.socket.socket() as sock:
+        await sock.bind(("127.0.0.1", 0))
+        dead = sock.getsockname()[1]
+    cut_at: list[float] = []
+    streams: list[trioai.client.Stream] = []
+
+    async def read(conn: trioai.client.Connection) -> None:
+        async with conn.generate(user("count"), max_tokens=COUNT) as stream:
+            streams.append(stream)
+            async for _ in stream:
+                if not cut_at:
+                    proxied.target = ("127.0.0.1", dead)  # every new connection is dropped at once
+                    proxied.cut()
+                    cut_at.append(trio.current_time())
+
+    async with trioai.client.connect(proxied.url, resume=True, resume_timeout=1.0, connect_timeout=0.3) as conn:
+        with trio.fail_after(5), pytest.raises(ConnectionLost) as caught:
+            await read(conn)
+        assert 0.9 < trio.current_time() - cut_at[0] < 2.0
+        assert "gave up after 1 s" in str(caught.value)
+        assert streams[0].resumes == 0
+        with pytest.raises(ConnectionLost):  # the connection is done for
+            async with conn.generate(user("x"), max_tokens=2):
+                pass
+
+
+async def test_cancel_while_reconnecting(proxied: GatewayProxy, upstream: FakeUpstream) -> None:
+    live = proxied.target
+    with trio.socket.socket() as sock:
+        await sock.bind(("127.0.0.1", 0))
+        dead = sock.getsockname()[1]
+    async with (
+        trioai.client.connect(proxied.url, resume=True, connect_timeout=0.3) as conn,
+        conn.generate(user("count"), max_tokens=COUNT) as stream,
+    ):
+        text = await stream.__anext__()
+        proxied.target = ("127.0.0.1", dead)
+        proxied.cut()
+        await trio.sleep(0.2)
+        await stream.cancel()  # down now: goes out after the resume
+        proxied.target = live
+        text += await stream.text()
+    assert stream.cancelled and stream.resumes == 1
+    assert NUMBERED.startswith(text) and text != NUMBERED
+    with trio.fail_after(5):
+        await upstream.requests[0].closed.wait()  # the engine request was stopped
+
+
+async def test_without_resume_nothing_changes(proxied: GatewayProxy) -> None:
+    proxied.cut_after = 3000
+    async with trioai.client.connect(proxied.url) as conn, conn.generate(user("count"), max_tokens=COUNT) as stream:
+        with pytest.raises(ConnectionLost):
+            await stream.text()
+    assert stream.resume_token is None and stream.resumes == 0 and len(proxied.relays) == 1
+
+
+async def test_resumable_is_sent_only_with_resume(scripted: ScriptedServer) -> None:
+    scripted.script = lambda message: [{"type": "start", "model": "m"}, {"type": "token", "content": "ok"},
+                                       {"type": "done", "finish_reason": "stop", "usage": USAGE}]
+    for resume in (False, True):
+        async with (
+            trioai.client.connect(scripted.url, resume=resume) as conn,
+            conn.generate(user("hi"), max_tokens=2) as stream,
+        ):
+            assert await stream.text() == "ok"
+    plain, resumable = [event for event in scripted.received if event["type"] == "message"]
+    assert "resumable" not in plain
+    assert resumable["resumable"] is True
+
+
+async def test_replayed_events_are_dropped(nursery: trio.Nursery) -> None:
+    """A server that replays more than asked (from seq 1): the text still comes out once."""
+    received: list[dict[str, Any]] = []
+
+    def events(rid: str) -> list[dict[str, Any]]:
+        return [{"type": "start", "id": rid, "seq": 1, "model": "m", "resume_token": "tok"},
+                *({"type": "token", "id": rid, "seq": i + 2, "content": f"w{i} "} for i in range(10)),
+                {"type": "done", "id": rid, "seq": 12, "finish_reason": "stop", "usage": USAGE}]
+
+    async def handle(request: WebSocketRequest) -> None:
+        ws = await request.accept(subprotocol="trioai.v1")
+        with contextlib.suppress(ConnectionClosed):
+            frame = json.loads(await ws.get_message())
+            received.append(frame)
+            playlist = events(frame["id"])
+            for event in playlist if frame["type"] == "resume" else playlist[:6]:
+                await ws.send_message(json.dumps(event))
+            if frame["type"] == "resume":
+                await ws.get_message()  # until the client leaves
+            # else: drop the connection mid-answer
+
+    server = await nursery.start(partial(serve_websocket, handle, "127.0.0.1", 0, None))
+    url = f"ws://127.0.0.1:{server.port}/ws/chat"
+    async with trioai.client.connect(url, resume=True) as conn, conn.generate(user("x")) as stream:
+        assert await stream.text() == "".join(f"w{i} " for i in range(10))
+    assert stream.resumes == 1 and stream.finish_reason == "stop"
+    assert received[1] == {"type": "resume", "id": stream.id, "resume_token": "tok", "after": 6}

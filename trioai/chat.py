@@ -7,6 +7,10 @@ the answer ends with print as ``→ name(arguments)``. After each answer a dim l
 first token and tokens/s. Dim is ANSI, written only to a terminal.
 ``--once PROMPT`` answers one prompt on stdout for scripts (the thinking and the stats line go to
 stderr); the exit status says whether it worked.
+
+The connection is opened with ``resume=True``: when it drops mid-answer (a proxy or server-side
+cut), the client reconnects and resumes the answer, which prints whole and once; the stats line then
+says ``(reconnected)``. A drop between turns is repaired when the next one is sent.
 """
 
 from __future__ import annotations
@@ -57,6 +61,8 @@ def stats_line(stream: Stream) -> str:
         parts.append(f"{stream.usage.get('completion_tokens')} tokens")
     if stream.finish_reason:
         parts.append(f"finish: {stream.finish_reason}")
+    if stream.resumes:
+        parts.append("(reconnected)" if stream.resumes == 1 else f"(reconnected {stream.resumes} times)")
     return ", ".join(parts)
 
 
@@ -128,7 +134,7 @@ async def run_once(url: str, prompt: str, *, api_key: str | None, max_tokens: in
     """Answer ``prompt`` on stdout; the stats line and errors go to stderr. Returns the exit status."""
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
     try:
-        async with connect(url, api_key=api_key) as conn:
+        async with connect(url, api_key=api_key, resume=True) as conn:
             _, stream = await answer(conn, messages, max_tokens, sys.stdout, interactive=False, thoughts=sys.stderr)
     except GenerationError as exc:
         print(f"\ntrioai chat: {exc}", file=sys.stderr)
@@ -145,7 +151,7 @@ async def run_interactive(url: str, *, api_key: str | None, max_tokens: int | No
     """The chat loop; returns the exit status."""
     messages: list[dict[str, Any]] = [{"role": "system", "content": system}] if system else []
     try:
-        async with connect(url, api_key=api_key) as conn:
+        async with connect(url, api_key=api_key, resume=True) as conn:
             print(dim(f"connected to {url}; Ctrl-C stops an answer, Ctrl-D leaves", sys.stdout), flush=True)
             while True:
                 line = await _read_line()

@@ -34,6 +34,18 @@ reader wait: events that arrive before they are read are joined in order, consec
 same kind (as the server does for slow clients), so one slow consumer does not hold up the others.
 ``error`` events raise :class:`GenerationError` from the iteration; a ``cancel`` ends it quietly
 with ``stream.cancelled`` set.
+
+``connect(url, resume=True)`` makes generations survive a lost connection (a reset, a proxy or
+server-side cut): every ``message`` says ``"resumable": true``; when the connection drops while
+streams are open, the client reconnects (first at once, then after 0.1 s, doubling up to 2 s, for
+at most ``resume_timeout`` seconds, 30 by default) and sends ``resume`` for each open stream with the
+token its ``start`` gave and the last ``seq`` it got, so the iteration yields the whole text exactly
+once (an event whose ``seq`` it already has is dropped). ``stream.resumes`` counts the reconnections
+a stream went through. A stream finished before the drop is not resumed; one whose ``start`` had not
+arrived cannot be (it fails with :class:`ConnectionLost`), nor can any once reconnecting gives up.
+A server that no longer has the generation (restarted, or ``--resume-window`` passed) ends it with
+:class:`GenerationError` ``resume_not_found``; another connection that resumed it ends it here with
+:class:`ResumedElsewhere`. A drop with no stream open is repaired by the next ``generate()``.
 """
 
 from __future__ import annotations
@@ -43,12 +55,13 @@ import json
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any, TypeAlias
+from typing import Any, Final, TypeAlias
 
 import trio
 from trio_websocket import (
     ConnectionClosed,
     ConnectionRejected,
+    ConnectionTimeout,
     HandshakeError,
     WebSocketConnection,
     open_websocket_url,
@@ -58,6 +71,9 @@ from .auth import SUBPROTOCOL
 
 TERMINAL = frozenset({"done", "cancelled", "error"})
 RESERVED_FIELDS = frozenset({"type", "id", "messages"})
+RECONNECT_FIRST_DELAY: Final = 0.1  # seconds before the second attempt (the first is at once), doubling...
+RECONNECT_MAX_DELAY: Final = 2.0  # ...up to this
+REFUSALS_FOR_GOOD: Final = frozenset({400, 401, 403, 404})  # handshake answers not worth retrying
 
 
 @dataclass(frozen=True)
@@ -149,7 +165,11 @@ class ConnectFailed(ClientError):
 
 
 class ConnectionLost(ClientError):
-    """The connection closed before the generation ended."""
+    """The connection closed before the generation ended (with ``resume=True``: and could not be resumed)."""
+
+
+class ResumedElsewhere(GenerationError):
+    """Another connection resumed this generation (``resumed_elsewhere``): the rest of it goes there."""
 
 
 class Stream:
@@ -173,8 +193,20 @@ class Stream:
         self.ttft_ms: float | None = None
         self.tokens_per_s: float | None = None
         self.cancelled = False
+        self.resume_token: str | None = None  # from ``start``, when the generation is resumable
+        self.resumes = 0  # reconnections this stream went through (``resume`` sent for it)
+        self._last_seq = 0  # the highest ``seq`` received
+        self._sent = False  # its ``message`` went out
+        self._cancel_wanted = False
 
     def _deliver(self, event: dict[str, Any]) -> None:
+        if self._end is not None:
+            return  # nothing of a generation follows its terminal event
+        seq = event.get("seq")
+        if isinstance(seq, int) and not isinstance(seq, bool):
+            if seq <= self._last_seq:
+                return  # already had it (replayed by a resume)
+            self._last_seq = seq
         kind = event.get("type")
         delta = _parse(event)
         if delta is not None:
@@ -187,6 +219,9 @@ class Stream:
         elif kind == "start":
             self.model = event.get("model")
             self.queue_position = None
+            token = event.get("resume_token")
+            if isinstance(token, str) and token:
+                self.resume_token = token
         elif kind == "queued":
             self.queue_position = event.get("position")
         elif kind in TERMINAL:
@@ -239,10 +274,11 @@ class Stream:
         return [{"call_id": call["call_id"], "name": call["name"], "arguments": "".join(call["arguments"])}
                 for _, call in sorted(self._calls.items())]
 
-    def _lost(self) -> None:
+    def _lost(self, reason: str = "the connection closed before the generation ended") -> None:
         if self._end is None:
-            self._end = {"type": "lost"}
+            self._end = {"type": "lost", "message": reason}
             self._changed.set()
+            self._changed = trio.Event()
 
     @property
     def finished(self) -> bool:
@@ -285,19 +321,24 @@ class Stream:
         if kind in ("done", "cancelled"):
             return
         if kind == "error":
-            raise GenerationError(str(event.get("code")), str(event.get("message")), param=event.get("param"),
-                                  retry_after=event.get("retry_after"))
-        else:
-            raise ConnectionLost("the connection closed before the generation ended")
+            code = str(event.get("code"))
+            error = ResumedElsewhere if code == "resumed_elsewhere" else GenerationError
+            raise error(code, str(event.get("message")), param=event.get("param"),
+                        retry_after=event.get("retry_after"))
+        raise ConnectionLost(str(event.get("message")))
 
     async def text(self) -> str:
         """Read the whole answer."""
         return "".join([piece async for piece in self])
 
     async def cancel(self) -> None:
-        """Ask the server to stop this generation; the iteration then ends with ``cancelled`` set."""
+        """Ask the server to stop this generation; the iteration then ends with ``cancelled`` set.
+
+        With ``resume=True``, a cancel while the connection is being restored goes out after the resume.
+        """
         if self._end is None:
-            await self._conn._send({"type": "cancel", "id": self.id})
+            self._cancel_wanted = True
+            await self._conn._send_cancel(self)
 
 
 class _Events:
@@ -313,19 +354,114 @@ class _Events:
         return await self._stream._next_event()
 
 
+class _Dialer:
+    """Opens the connection's WebSockets: each is held open by a task in the connection's nursery until
+    released (then closed with the normal handshake, when the server is still there)."""
+
+    def __init__(self, nursery: trio.Nursery, url: str, headers: list[tuple[bytes, bytes]] | None,
+                 connect_timeout: float) -> None:
+        self._nursery = nursery
+        self.url = url
+        self._headers = headers
+        self.connect_timeout = connect_timeout
+        self._leave: trio.Event | None = None  # releases the WebSocket opened last
+
+    async def open(self, seconds: float) -> WebSocketConnection:
+        """A new WebSocket, its handshake done within ``seconds``; raises :class:`HandshakeError`
+        (:class:`ConnectionRejected`, ...) if none."""
+        ws: WebSocketConnection = await self._nursery.start(self._hold, seconds)
+        return ws
+
+    async def _hold(self, seconds: float, *, task_status: trio.TaskStatus[WebSocketConnection]) -> None:
+        started = False
+        try:
+            async with open_websocket_url(self.url, subprotocols=[SUBPROTOCOL], extra_headers=self._headers,
+                                          connect_timeout=seconds) as ws:
+                leave = self._leave = trio.Event()
+                started = True
+                task_status.started(ws)
+                await leave.wait()
+        except (HandshakeError, ConnectionClosed, trio.BrokenResourceError, OSError):
+            if not started:
+                raise  # to open()'s caller
+            # Closing a WebSocket that failed (a reset, a close that timed out): nothing left to do.
+
+    def release(self) -> None:
+        """Close the WebSocket opened last (it may be closed already)."""
+        if self._leave is not None:
+            self._leave.set()
+
+
 class Connection:
     """An open connection to ``/ws/chat``; use :func:`connect`."""
 
-    def __init__(self, ws: WebSocketConnection) -> None:
-        self.ws = ws
+    def __init__(self, ws: WebSocketConnection, *, dialer: _Dialer | None = None, resume: bool = False,
+                 resume_timeout: float = 30.0) -> None:
+        self.ws = ws  # the current WebSocket (a new one after each reconnection)
         self._streams: dict[str, Stream] = {}
         self._ids = itertools.count(1)
-        self._send_lock = trio.Lock()
         self.errors: list[dict[str, Any]] = []  # connection-level errors (no id), newest last
+        self.reconnects = 0  # WebSockets opened again after a drop (``resume=True``)
+        self._dialer = dialer
+        self._resume = resume and dialer is not None
+        self._resume_timeout = resume_timeout
+        # With resume: set while ``ws`` is thought usable; a new Event (unset) from a drop to the
+        # reconnection. Senders wait on it; the reader task alone reconnects.
+        self._up = trio.Event()
+        self._up.set()
+        self._wanted = trio.Event()  # a sender waits for a connection (a drop with no stream open)
+        self._closed = False  # no more reconnections: given up, or the connection's block is left
+        self._drops = 0  # drops the reader task has dealt with
+        self._give_up_at: float | None = None  # reconnecting since a drop with no event received since
+        self._delay = 0.0  # before the next attempt
+        self._lost_reason = "the connection closed before the generation ended"
+        self._reader_scope = trio.CancelScope()
 
-    async def _send(self, event: dict[str, Any]) -> None:
-        async with self._send_lock:
-            await self.ws.send_message(json.dumps(event))
+    async def _current(self) -> WebSocketConnection:
+        """The WebSocket to send on: with resume, once a reconnection (if any) is done."""
+        if self._resume:
+            while not self._up.is_set():
+                self._wanted.set()
+                await self._up.wait()
+            if self._closed:
+                raise ConnectionLost(self._lost_reason)
+        return self.ws
+
+    def _down(self, ws: WebSocketConnection) -> None:
+        """``ws`` is closed: senders wait for the next one."""
+        if ws is self.ws and self._up.is_set() and not self._closed:
+            self._up = trio.Event()
+
+    async def _send(self, event: dict[str, Any]) -> int:
+        """Send ``event``; with resume, on the next WebSocket if the current one is down (a frame that
+        failed to go out was not received whole, so it is sent again). Returns the drop count before it.
+
+        No lock of ours is held while sending: trio-websocket orders the frames of one WebSocket.
+        """
+        frame = json.dumps(event)
+        while True:
+            ws = await self._current()
+            drops = self._drops
+            try:
+                await ws.send_message(frame)
+                return drops
+            except ConnectionClosed:
+                if not self._resume:
+                    raise
+                self._down(ws)
+
+    async def _send_cancel(self, stream: Stream) -> None:
+        event = {"type": "cancel", "id": stream.id}
+        if not self._resume:
+            await self._send(event)
+            return
+        if not self._up.is_set() or self._closed:
+            return  # the reconnection sends it after the stream's resume (or there is nothing to cancel)
+        ws = self.ws
+        try:
+            await ws.send_message(json.dumps(event))
+        except ConnectionClosed:
+            self._down(ws)  # as above
 
     @asynccontextmanager
     async def generate(
@@ -335,7 +471,8 @@ class Connection:
 
         ``fields`` go into the ``message`` as they are: sampling (``temperature``, ``stop``, ``seed``,
         …) and chat fields (``tools``, ``tool_choice``, ``parallel_tool_calls``, ``response_format``,
-        ``logprobs``, ``top_logprobs``, ``reasoning_effort``, …); the server checks them.
+        ``logprobs``, ``top_logprobs``, ``reasoning_effort``, …); the server checks them. On a
+        connection opened with ``resume=True`` the message also says ``"resumable": true``.
         """
         reserved = RESERVED_FIELDS.intersection(fields)
         if reserved:
@@ -345,8 +482,19 @@ class Connection:
         event: dict[str, Any] = {"type": "message", "id": stream.id, "messages": list(messages), **fields}
         if max_tokens is not None:
             event["max_tokens"] = max_tokens
+        if self._resume:
+            event.setdefault("resumable", True)
         try:
-            await self._send(event)
+            try:
+                drops = await self._send(event)
+            except (ConnectionClosed, ConnectionLost):
+                stream._lost()
+                raise
+            stream._sent = True
+            if self._drops != drops:
+                # The WebSocket it went out on dropped, and the reader task has dealt with that
+                # already: with no start, it cannot be resumed.
+                stream._lost("the connection closed before the generation started: it cannot be resumed")
             yield stream
         finally:
             if not stream.finished:
@@ -356,7 +504,7 @@ class Connection:
                         await stream.cancel()
                         while not stream.finished:
                             await stream._changed.wait()
-                    except ConnectionClosed:
+                    except (ConnectionClosed, ConnectionLost):
                         pass
             del self._streams[stream.id]
 
@@ -364,10 +512,40 @@ class Connection:
         """An application-level round trip (``ping`` → ``pong``)."""
         await self._send({"type": "ping"})
 
-    async def _read(self) -> None:
+    async def _run(self) -> None:
+        """The reader task: routes events to their streams; with resume, reconnects after a drop."""
+        try:
+            with self._reader_scope:
+                while True:
+                    ws = self.ws
+                    await self._read(ws)
+                    if not self._resume:
+                        return
+                    assert self._dialer is not None
+                    self._down(ws)
+                    self._dialer.release()
+                    self._drops += 1
+                    for stream in list(self._streams.values()):
+                        if stream._sent and stream.resume_token is None:
+                            stream._lost("the connection closed before the generation started: it cannot be resumed")
+                    if not any(not stream.finished for stream in self._streams.values()):
+                        # Nothing to resume: reconnect when a new generation needs it.
+                        await self._wanted.wait()
+                        self._give_up_at = None
+                    if not await self._reconnect():
+                        return
+        finally:
+            self._closed = True
+            self._up.set()  # wakes senders waiting for a reconnection: they raise ConnectionLost
+            for stream in self._streams.values():
+                stream._lost(self._lost_reason)
+
+    async def _read(self, ws: WebSocketConnection) -> None:
+        """Route the events of ``ws`` until it closes."""
         try:
             while True:
-                event = json.loads(await self.ws.get_message())
+                event = json.loads(await ws.get_message())
+                self._give_up_at = None  # the server answers: a later drop gets the whole time again
                 if not isinstance(event, dict):
                     continue
                 request_id = event.get("id")
@@ -377,35 +555,99 @@ class Connection:
                 elif event.get("type") == "error":
                     self.errors.append(event)
         except ConnectionClosed:
-            pass
-        finally:
-            for stream in self._streams.values():
-                stream._lost()
+            return
+
+    async def _reconnect(self) -> bool:
+        """Open a new WebSocket and resume the open streams on it; False once that is given up."""
+        assert self._dialer is not None
+        if self._give_up_at is None:
+            self._give_up_at = trio.current_time() + self._resume_timeout
+            self._delay = 0.0
+        while True:
+            if self._delay:
+                await trio.sleep(max(0.0, min(self._delay, self._give_up_at - trio.current_time())))
+            self._delay = min(max(self._delay * 2, RECONNECT_FIRST_DELAY), RECONNECT_MAX_DELAY)
+            remaining = self._give_up_at - trio.current_time()
+            if remaining <= 0:
+                self._lost_reason += f"; gave up after {self._resume_timeout:g} s"
+                return False
+            try:
+                ws = await self._dialer.open(min(self._dialer.connect_timeout, remaining))
+            except ConnectionRejected as exc:
+                self._lost_reason = f"the connection was lost, and the server refused a new one: HTTP {exc.status_code}"
+                if exc.status_code in REFUSALS_FOR_GOOD:
+                    return False
+                continue
+            except HandshakeError as exc:
+                self._lost_reason = f"the connection was lost, and reconnecting failed: {_why(exc)}"
+                continue
+            self.ws = ws
+            self.reconnects += 1
+            await self._resume_streams(ws)
+            self._wanted = trio.Event()
+            self._up.set()
+            return True
+
+    async def _resume_streams(self, ws: WebSocketConnection) -> None:
+        """``resume`` every open stream on ``ws`` (then its ``cancel``, if one was asked meanwhile)."""
+        for stream in list(self._streams.values()):
+            if stream.finished or not stream._sent or stream.resume_token is None:
+                continue
+            stream.resumes += 1
+            try:
+                await ws.send_message(json.dumps({"type": "resume", "id": stream.id,
+                                                  "resume_token": stream.resume_token, "after": stream._last_seq}))
+                if stream._cancel_wanted:
+                    await ws.send_message(json.dumps({"type": "cancel", "id": stream.id}))
+            except ConnectionClosed:
+                return  # dropped again: the reader task sees it at once
+
+    def _shut(self) -> None:
+        """The connection's block is left: stop reading and reconnecting, close the WebSocket."""
+        self._reader_scope.cancel()
+        self._closed = True
+        self._up.set()
+        if self._dialer is not None:
+            self._dialer.release()
+
+
+def _why(exc: HandshakeError) -> str:
+    """What went wrong in a handshake, in words."""
+    if isinstance(exc, ConnectionTimeout):
+        return "the handshake timed out"
+    return str(exc.__cause__ or exc) or type(exc).__name__
 
 
 @asynccontextmanager
-async def connect(url: str, *, api_key: str | None = None, connect_timeout: float = 10.0) -> AsyncIterator[Connection]:
+async def connect(url: str, *, api_key: str | None = None, connect_timeout: float = 10.0, resume: bool = False,
+                  resume_timeout: float = 30.0) -> AsyncIterator[Connection]:
     """Open a connection (``api_key`` is sent as ``Authorization: Bearer``).
+
+    With ``resume=True``, generations are resumable and survive a lost connection: the client
+    reconnects (for up to ``resume_timeout`` seconds) and resumes them (see the module's doc).
 
     Raises :class:`ConnectFailed` if the server cannot be reached or refuses; exceptions from the
     body (such as :class:`GenerationError`) come out as they are, not wrapped in a group.
     """
     headers = [(b"Authorization", f"Bearer {api_key}".encode())] if api_key else None
     try:
-        async with open_websocket_url(url, subprotocols=[SUBPROTOCOL], extra_headers=headers,
-                                      connect_timeout=connect_timeout) as ws, trio.open_nursery() as nursery:
-            conn = Connection(ws)
-            nursery.start_soon(conn._read)
+        async with trio.open_nursery() as nursery:
+            dialer = _Dialer(nursery, url, headers, connect_timeout)
+            try:
+                ws = await dialer.open(connect_timeout)
+            except ConnectionRejected as exc:
+                raise ConnectFailed(f"the server refused the connection: HTTP {exc.status_code}",
+                                    exc.status_code) from None
+            except HandshakeError as exc:
+                raise ConnectFailed(f"cannot connect to {url}: {_why(exc)}") from None
+            conn = Connection(ws, dialer=dialer, resume=resume, resume_timeout=resume_timeout)
+            nursery.start_soon(conn._run)
             try:
                 yield conn
             finally:
-                nursery.cancel_scope.cancel()
-    except ConnectionRejected as exc:
-        raise ConnectFailed(f"the server refused the connection: HTTP {exc.status_code}", exc.status_code) from None
-    except HandshakeError as exc:
-        raise ConnectFailed(f"cannot connect to {url}: {exc.__cause__ or exc}") from None
+                conn._shut()
     except BaseExceptionGroup as group:
-        # The reader task never fails, so a group holds the body's one exception: raise it as is.
+        # The reader and WebSocket tasks never fail, so a group holds the body's one exception: raise it as is.
         if len(group.exceptions) == 1 and isinstance(group.exceptions[0], Exception):
             raise group.exceptions[0] from None
         raise
