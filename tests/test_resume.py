@@ -291,3 +291,14 @@ async def test_resume_on_a_new_connection_while_the_old_one_is_half_open(
         after = await read_generation(ws, "half")
     check_exact(before + after, numbered(300))
     await relay.server.aclose()
+
+
+async def test_a_cancel_by_token_after_the_end_is_answered(gateway: RunningServer, upstream: FakeUpstream) -> None:
+    upstream.script = numbered_script(0)
+    async with open_websocket_url(gateway.url) as ws:
+        await send(ws, chat("x", max_tokens=3, id="e", resumable=True))
+        events = await read_generation(ws, "e")
+    async with open_websocket_url(gateway.url) as ws:
+        await send(ws, {"type": "cancel", "id": "e", "resume_token": events[0]["resume_token"]})
+        answer = await recv(ws)
+    assert (answer["type"], answer["code"], answer["id"]) == ("error", "nothing_to_cancel", "e")

@@ -284,7 +284,11 @@ class Session:
             assert request_id is not None
             generation = self.gateway.registry.find(request_id, request.resume_token, self.key_id)
             if generation.finished:
-                return  # its terminal event is in its log: a resume fetches it
+                if generation.session is not self:  # the attached one has its terminal event already
+                    await self.outbox.send_control(Error(
+                        request_id, ErrorCode.NOTHING_TO_CANCEL,
+                        "this generation has already ended; resume it to fetch its terminal event", "id"))
+                return
             generation.cancel()
             if generation.session is not self:
                 # Stopped from a connection that does not own it: this one hears it too.
