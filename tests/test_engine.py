@@ -289,3 +289,43 @@ async def test_a_cut_mid_answer_resumes_to_the_uninterrupted_text(
     outcome = await serve_process.wait_for(r"id=cut outcome=(\S+)")
     assert outcome.group(1) == "done", outcome.group(0)
     assert len([line for line in serve_process.lines if re.search(r"id=cut outcome=", line)]) == 1
+
+
+# --- OpenAI's SDK, in Responses WebSocket mode (/v1/responses) -------------------------------------
+
+
+@pytest.mark.filterwarnings("ignore:connect\\(\\) must be used as a context manager:DeprecationWarning")
+async def test_openai_sdk_responses_websocket_text(serve_process: ServeProcess) -> None:
+    """The official SDK's sync client (in a worker thread) gets a real answer: the final output_text is
+    exactly its streamed text deltas."""
+    from openai import OpenAI
+    from openai.lib.responses_websocket import ResponsesWebSocketLimits, ResponsesWebSocketSession
+    from openai.types.responses import Response
+    from openai.types.responses.responses_server_event import ResponseTextWsDelta
+
+    server = urlsplit(serve_process.url)
+    base_url = f"http://{server.hostname}:{server.port}/v1"
+    limits = ResponsesWebSocketLimits(max_lanes=4, max_events_per_lane=1024, max_events=1024,
+                                      max_bytes_per_lane=1 << 20, max_bytes=1 << 20)
+
+    def run() -> tuple[list[str], Response]:
+        client = OpenAI(base_url=base_url, api_key="sk-test", max_retries=0)
+        with client.responses.connect() as connection, ResponsesWebSocketSession(connection, limits=limits) as session:
+            session.default.send({"type": "response.create", "input": PROMPT, "max_output_tokens": 24})
+            deltas: list[str] = []
+            while True:
+                event = session.default.recv(timeout=120)
+                if isinstance(event, ResponseTextWsDelta):
+                    deltas.append(event.delta)
+                if event.type in ("response.completed", "response.incomplete", "response.failed", "error"):
+                    return deltas, session.default.get_final_response(timeout=10)
+
+    with trio.fail_after(180):
+        deltas, response = await trio.to_thread.run_sync(run, abandon_on_cancel=True)
+    assert response.status in ("completed", "incomplete"), response
+    if response.status == "incomplete":
+        assert response.incomplete_details is not None and response.incomplete_details.reason == "max_output_tokens"
+    assert response.output_text.strip()
+    assert response.output_text == "".join(deltas)
+    assert response.model == "gemma3-270m"
+    assert response.usage is not None and 1 <= response.usage.output_tokens <= 24

@@ -456,3 +456,56 @@ async def test_a_cut_mid_answer_resumes_and_vllm_runs_it_once(
     assert {reason: count for reason, count in ran.items() if count} == {"length": 1.0}, ran
     generated = (await engine_metrics(vllm_url))["vllm:generation_tokens_total"] - generated_before
     assert generated == RESUME_TOKENS
+
+
+# --- OpenAI's SDK, in Responses WebSocket mode (/v1/responses) -------------------------------------
+
+
+@pytest.mark.filterwarnings("ignore:connect\\(\\) must be used as a context manager:DeprecationWarning")
+async def test_openai_sdk_responses_websocket_text_and_json_schema(vllm_gateway: RunningServer) -> None:
+    """The official SDK's sync client (in a worker thread), one connection, two responses: plain text whose
+    final output_text is exactly its streamed deltas, then a json_schema ``text.format`` answer."""
+    from openai import OpenAI
+    from openai.lib.responses_websocket import ResponsesWebSocketLimits, ResponsesWebSocketSession
+    from openai.types.responses import Response
+    from openai.types.responses.responses_server_event import ResponseTextWsDelta
+
+    limits = ResponsesWebSocketLimits(max_lanes=4, max_events_per_lane=1024, max_events=1024,
+                                      max_bytes_per_lane=1 << 20, max_bytes=1 << 20)
+    person_format = {"type": "json_schema", "name": "person", "schema": PERSON_SCHEMA, "strict": True}
+
+    def run() -> list[tuple[list[str], Response]]:
+        client = OpenAI(base_url=vllm_gateway.openai_base_url, api_key="sk-test", max_retries=0)
+        answers: list[tuple[list[str], Response]] = []
+        with client.responses.connect() as connection, ResponsesWebSocketSession(connection, limits=limits) as session:
+            lane = session.lane("main")
+            creates: list[Any] = [
+                {"type": "response.create", "input": "Say hello.", "max_output_tokens": 16},
+                {"type": "response.create", "input": 'Reply with exactly this JSON: {"name": "Ada", "age": 36}',
+                 "max_output_tokens": 48, "temperature": 0, "text": {"format": person_format}},
+            ]
+            for create in creates:
+                lane.send(create)
+                deltas: list[str] = []
+                while True:
+                    event = lane.recv(timeout=120)
+                    if isinstance(event, ResponseTextWsDelta):
+                        deltas.append(event.delta)
+                    if event.type in ("response.completed", "response.incomplete", "response.failed", "error"):
+                        answers.append((deltas, lane.get_final_response(timeout=10)))
+                        break
+        return answers
+
+    with trio.fail_after(240):
+        (deltas, text), (json_deltas, structured) = await trio.to_thread.run_sync(run, abandon_on_cancel=True)
+    assert text.status in ("completed", "incomplete"), text
+    assert text.output_text.strip()
+    assert text.output_text == "".join(deltas)
+    assert text.usage is not None and text.usage.input_tokens > 5 and 1 <= text.usage.output_tokens <= 16
+
+    assert structured.status == "completed", structured  # the grammar closed the object: not cut off
+    assert structured.text is not None and structured.text.format is not None
+    assert structured.text.format.type == "json_schema"
+    assert structured.output_text == "".join(json_deltas)
+    value = json.loads(structured.output_text)
+    assert schema_errors(value, PERSON_SCHEMA) == [], structured.output_text

@@ -137,6 +137,15 @@ class _TextSlot(_Entry):
         self.parts: list[str] = []
         self.logprobs: list[Any] | None = None
 
+    def renew(self, seq: int) -> None:
+        """Become the next entry (``seq``) of the same stream, once this one is sent and kept nowhere."""
+        self.seq = seq
+        self.head = self.sender.id_json + ',"seq":' + str(seq)
+        self.size = 0
+        self.sealed = False
+        self.parts = []
+        self.logprobs = None
+
     def frame(self) -> str:
         parts = self.parts
         if len(parts) > 1:
@@ -324,18 +333,17 @@ class Outbox:
             return None
         item = items.popleft()
         frame: str | list[str] | CloseFrame
-        if type(item) is _Control:
+        if isinstance(item, _Entry):  # the common case first
+            self.queued_bytes -= item.size
+            frame = item.take()
+        elif isinstance(item, _Control):
             self.queued_bytes -= len(item.frame)
             self._control_pending -= 1
             if self._control_lot is not None:
                 self._control_lot.unpark()
             frame = item.frame
-        elif type(item) is CloseFrame:
-            return item
         else:
-            assert isinstance(item, _Entry)
-            self.queued_bytes -= item.size
-            frame = item.take()
+            return item  # CloseFrame
         room_lot = self._room_lot
         if room_lot and self.queued_bytes < self.connection_buffer_bytes:
             room_lot.unpark_all()
@@ -444,7 +452,10 @@ class StreamSender:
         slot = self._tokens
         if slot is None or slot is not self._last or slot.sealed or slot.size >= self.stream_buffer_bytes:
             self._seq += 1
-            slot = self._tokens = _TextSlot(self, self._seq)
+            if slot is not None and slot.sealed and not slot.queued and self.log is None:
+                slot.renew(self._seq)  # sent and kept nowhere: the per-token path reuses it
+            else:
+                slot = self._tokens = _TextSlot(self, self._seq)
             self._add(slot)
         if logprobs:
             if slot.logprobs is None:

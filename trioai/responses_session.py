@@ -66,6 +66,19 @@ class ResponsesSession(Session):
         await self.outbox.send_frame(error_frame(error, self._lane))
 
     async def _create(self, create: CreateResponse) -> None:
+        self._lane = create.stream_id
+        try:
+            await self._start_response(create)
+        finally:
+            self._lane = None
+
+    async def _start_response(self, create: CreateResponse) -> None:
+        if create.stream_id is not None and create.stream_id in self._lanes:
+            # A lane runs its responses one after another, as OpenAI's WebSocket mode does.
+            await self.refuse(Error(create.id, ErrorCode.DUPLICATE_ID,
+                                    "a response is still running on this stream_id: wait for its terminal event "
+                                    "or cancel it", "stream_id"))
+            return
         try:
             model = create.model or await self.gateway.model()
         except UpstreamError as exc:
@@ -76,11 +89,7 @@ class ResponsesSession(Session):
             for frame in encoder.warmup():
                 await self.outbox.send_frame(frame)
             return
-        self._lane = create.stream_id
-        try:
-            generation = await self._start_stream(create.request, encoder)
-        finally:
-            self._lane = None
+        generation = await self._start_stream(create.request, encoder)
         if generation is not None and create.stream_id is not None:
             self._lanes[create.stream_id] = create.id
 
