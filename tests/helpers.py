@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -14,6 +15,8 @@ import trio.testing
 from trio_websocket import ConnectionClosed, WebSocketConnection, open_websocket_url
 
 from trioai.server import RunningServer
+
+from .proxy import CutProxy
 
 TERMINAL = ("done", "cancelled", "error")
 
@@ -138,3 +141,66 @@ def check_one_generation(events: list[dict[str, Any]]) -> None:
     """seq 1, 2, 3 … without gap or repeat; exactly one terminal event, a done, at the end."""
     assert [e["seq"] for e in events] == list(range(1, len(events) + 1)), [e["seq"] for e in events]
     assert [e["type"] in TERMINAL for e in events].count(True) == 1 and events[-1]["type"] == "done", events[-1]
+
+
+def text_of(events: list[dict[str, Any]]) -> str:
+    """The answer's text: its token events' content, joined."""
+    return "".join(e["content"] for e in events if e["type"] == "token")
+
+
+async def read_through_cut(url: str, request: dict[str, Any]) -> list[dict[str, Any]]:
+    """Send ``request`` on a new connection to ``url`` (a :class:`CutProxy`'s): every event, as sent, until the cut."""
+    async with open_websocket_url(url) as ws:
+        await send(ws, request)
+        return await read_until_cut(ws)
+
+
+async def resume_after(url: str, rid: Any, before: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """On a new connection to ``url``, resume ``rid`` after the last of ``before`` (its first event, ``start``,
+    carries the token): its events, ``seq`` kept, up to its terminal one."""
+    async with open_websocket_url(url) as ws:
+        await send(ws, {"type": "resume", "id": rid, "resume_token": before[0]["resume_token"],
+                        "after": before[-1]["seq"]})
+        return await read_generation(ws, rid)
+
+
+# --- A real engine's answer cut mid-way and resumed (tests/test_engine.py, tests/test_vllm.py) -------
+
+RESUME_TOKENS = 48
+# Bytes of the server's answer let through before the cut: the 101 handshake (~160), start with its
+# token (~120) and the first few token events (~55 each). A whole 48-token answer takes ~2,900.
+RESUME_CUT_AFTER = 600
+
+
+def resumable(prompt: str, rid: str) -> dict[str, Any]:
+    """A greedy, seeded, resumable request for ``RESUME_TOKENS`` tokens."""
+    return chat(prompt, max_tokens=RESUME_TOKENS, id=rid, resumable=True, temperature=0, seed=7)
+
+
+async def cut_and_resume(proxy: CutProxy, resume_url: str, prompt: str,
+                         whole: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``resumable(prompt, "cut")`` through ``proxy``, cut after ``RESUME_CUT_AFTER`` bytes (a few tokens
+    in), then resumed on a new connection to ``resume_url``: its events, checked whole
+    (:func:`check_one_generation`) and with exactly the text of ``whole``, the same request uncut."""
+    proxy.cut_after = RESUME_CUT_AFTER
+    before = await read_through_cut(proxy.url, resumable(prompt, "cut"))
+    assert before[0]["type"] == "start" and before[-1]["type"] == "token", before[-1:]
+    assert 2 <= len(before) - 1 <= RESUME_TOKENS // 3, f"cut after {len(before) - 1} tokens, not a few"
+    after = await resume_after(resume_url, "cut", before)
+    events = before + after
+    check_one_generation(events)
+    assert text_of(events) == text_of(whole)  # greedy: no gap, no duplicate, nothing re-generated
+    assert len(after) >= 2 and len([e for e in events if e["type"] == "token"]) <= RESUME_TOKENS
+    return events
+
+
+async def serve_fails_to_start(*options: str) -> str:
+    """``trioai serve`` with ``options`` (and an upstream nothing listens on) run to its end, which must be
+    a clean startup failure: exit status 1, no traceback. Returns its stderr."""
+    result = await trio.run_process(
+        [sys.executable, "-m", "trioai", "serve", "--port", "0", "--upstream", "http://127.0.0.1:9/v1", *options],
+        check=False, capture_stderr=True,
+    )
+    assert result.returncode == 1
+    assert b"Traceback" not in result.stderr
+    return result.stderr.decode()

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -52,52 +53,69 @@ def chromium() -> str:
     return path
 
 
-def drive(chromium: str, page_url: str, screenshot: Path) -> dict[str, str]:
+@contextmanager
+def open_chat_page(chromium: str, page_url: str, *, record_states: bool = False,
+                   sent: list[str] | None = None) -> Iterator[Any]:
+    """Headless Chromium on the chat page at ``page_url``, once it shows itself connected; closed after.
+
+    ``record_states`` adds STATE_RECORDER (``window.__states``); ``sent`` collects every frame the
+    page sends on its WebSockets.
+    """
     from playwright.sync_api import sync_playwright
 
-    seen: dict[str, str] = {}
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=chromium, headless=True, args=CHROMIUM_FLAGS)
         try:
             page = browser.new_page()
+            if record_states:
+                page.add_init_script(STATE_RECORDER)
+            if sent is not None:
+                page.on("websocket", lambda socket: socket.on("framesent", lambda payload: sent.append(str(payload))))
             page.goto(page_url)
             page.wait_for_selector("#status.connected", timeout=10_000)
-
-            # One prompt: tokens appear, then done with usage.
-            page.fill("#prompt", "hello browser")
-            page.click("#send")
-            first = page.locator('.answer[data-id="b1"]')
-            first.locator(".text").filter(has_text="hello").wait_for(timeout=10_000)
-            page.wait_for_selector('.answer[data-id="b1"].state-done', timeout=10_000)
-            seen["b1 text"] = first.locator(".text").inner_text()
-            seen["b1 usage"] = first.locator(".usage").inner_text()
-
-            # A long answer, stopped mid-stream; another queued behind it and then served.
-            page.fill("#prompt", "long story")
-            page.click("#send")
-            long = page.locator('.answer[data-id="b2"]')
-            long.locator(".text").filter(has_text="s3 ").wait_for(timeout=10_000)
-            page.fill("#prompt", "second question")
-            page.click("#send")
-            queued = page.locator('.answer[data-id="b3"]')
-            queued.locator(".state").filter(has_text="queued (position 1)").wait_for(timeout=10_000)
-            seen["b3 queued"] = queued.locator(".state").inner_text()
-            long.locator(".stop").click()
-            page.wait_for_selector('.answer[data-id="b2"].state-cancelled', timeout=10_000)
-            page.wait_for_selector('.answer[data-id="b3"].state-done', timeout=10_000)
-            seen["b2 state"] = long.locator(".state").inner_text()
-            seen["b3 text"] = queued.locator(".text").inner_text()
-
-            # Errors are shown on their answer.
-            page.fill("#prompt", "fail")
-            page.click("#send")
-            page.wait_for_selector('.answer[data-id="b4"].state-error', timeout=10_000)
-            seen["b4 state"] = page.locator('.answer[data-id="b4"] .state').inner_text()
-
-            screenshot.parent.mkdir(parents=True, exist_ok=True)
-            page.screenshot(path=str(screenshot), full_page=True)
+            yield page
         finally:
             browser.close()
+
+
+def ask(page: Any, prompt: str) -> None:
+    """Type ``prompt`` and send it."""
+    page.fill("#prompt", prompt)
+    page.click("#send")
+
+
+def drive(chromium: str, page_url: str, screenshot: Path) -> dict[str, str]:
+    seen: dict[str, str] = {}
+    with open_chat_page(chromium, page_url) as page:
+        # One prompt: tokens appear, then done with usage.
+        ask(page, "hello browser")
+        first = page.locator('.answer[data-id="b1"]')
+        first.locator(".text").filter(has_text="hello").wait_for(timeout=10_000)
+        page.wait_for_selector('.answer[data-id="b1"].state-done', timeout=10_000)
+        seen["b1 text"] = first.locator(".text").inner_text()
+        seen["b1 usage"] = first.locator(".usage").inner_text()
+
+        # A long answer, stopped mid-stream; another queued behind it and then served.
+        ask(page, "long story")
+        long = page.locator('.answer[data-id="b2"]')
+        long.locator(".text").filter(has_text="s3 ").wait_for(timeout=10_000)
+        ask(page, "second question")
+        queued = page.locator('.answer[data-id="b3"]')
+        queued.locator(".state").filter(has_text="queued (position 1)").wait_for(timeout=10_000)
+        seen["b3 queued"] = queued.locator(".state").inner_text()
+        long.locator(".stop").click()
+        page.wait_for_selector('.answer[data-id="b2"].state-cancelled', timeout=10_000)
+        page.wait_for_selector('.answer[data-id="b3"].state-done', timeout=10_000)
+        seen["b2 state"] = long.locator(".state").inner_text()
+        seen["b3 text"] = queued.locator(".text").inner_text()
+
+        # Errors are shown on their answer.
+        ask(page, "fail")
+        page.wait_for_selector('.answer[data-id="b4"].state-error', timeout=10_000)
+        seen["b4 state"] = page.locator('.answer[data-id="b4"] .state').inner_text()
+
+        screenshot.parent.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(screenshot), full_page=True)
     return seen
 
 
@@ -151,38 +169,25 @@ def queue_script(body: dict[str, Any]) -> Script:
 
 
 def drive_queue(chromium: str, page_url: str) -> dict[str, Any]:
-    from playwright.sync_api import sync_playwright
-
     seen: dict[str, Any] = {}
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=chromium, headless=True, args=CHROMIUM_FLAGS)
-        try:
-            page = browser.new_page()
-            page.add_init_script(STATE_RECORDER)
-            page.goto(page_url)
-            page.wait_for_selector("#status.connected", timeout=10_000)
+    with open_chat_page(chromium, page_url, record_states=True) as page:
+        # Two questions, one right after the other, with one engine slot.
+        ask(page, "first question")
+        ask(page, "second question")
+        second = page.locator('.answer[data-id="b2"]')
+        second.locator(".state").filter(has_text="queued (position 1)").wait_for(timeout=10_000)
+        seen["b1 done while b2 queued"] = page.locator('.answer[data-id="b1"].state-done').count() > 0
 
-            # Two questions, one right after the other, with one engine slot.
-            page.fill("#prompt", "first question")
-            page.click("#send")
-            page.fill("#prompt", "second question")
-            page.click("#send")
-            second = page.locator('.answer[data-id="b2"]')
-            second.locator(".state").filter(has_text="queued (position 1)").wait_for(timeout=10_000)
-            seen["b1 done while b2 queued"] = page.locator('.answer[data-id="b1"].state-done').count() > 0
-
-            # The second one's tokens stream: look at its status while they do.
-            second.locator(".text").filter(has_text="b3 ").wait_for(timeout=10_000)
-            seen["b2 mid-stream"] = page.evaluate(
-                """() => { const c = document.querySelector('.answer[data-id="b2"]');
-                           return { state: c.querySelector('.state').textContent, cls: c.className }; }""")
-            page.wait_for_selector('.answer[data-id="b2"].state-done', timeout=10_000)
-            seen["b1 state"] = page.locator('.answer[data-id="b1"] .state').inner_text()
-            seen["b2 state"] = second.locator(".state").inner_text()
-            seen["b2 text"] = second.locator(".text").inner_text()
-            seen["history"] = page.evaluate("() => window.__states")
-        finally:
-            browser.close()
+        # The second one's tokens stream: look at its status while they do.
+        second.locator(".text").filter(has_text="b3 ").wait_for(timeout=10_000)
+        seen["b2 mid-stream"] = page.evaluate(
+            """() => { const c = document.querySelector('.answer[data-id="b2"]');
+                       return { state: c.querySelector('.state').textContent, cls: c.className }; }""")
+        page.wait_for_selector('.answer[data-id="b2"].state-done', timeout=10_000)
+        seen["b1 state"] = page.locator('.answer[data-id="b1"] .state').inner_text()
+        seen["b2 state"] = second.locator(".state").inner_text()
+        seen["b2 text"] = second.locator(".text").inner_text()
+        seen["history"] = page.evaluate("() => window.__states")
     return seen
 
 
@@ -248,42 +253,28 @@ def card_info(page: Any, card_id: str) -> dict[str, Any]:
 
 
 def drive_reasoning(chromium: str, page_url: str, before_done: trio.Event, screenshot: Path) -> dict[str, Any]:
-    from playwright.sync_api import sync_playwright
-
     seen: dict[str, Any] = {}
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=chromium, headless=True, args=CHROMIUM_FLAGS)
-        try:
-            page = browser.new_page()
-            page.add_init_script(STATE_RECORDER)
-            page.goto(page_url)
-            page.wait_for_selector("#status.connected", timeout=10_000)
+    with open_chat_page(chromium, page_url, record_states=True) as page:
+        ask(page, "weather?")
+        card = page.locator('.answer[data-id="b1"]')
+        card.locator(".tool").filter(has_text='"CET"}').wait_for(timeout=10_000)
+        seen["b1 before done"] = card_info(page, "b1")
+        trio.from_thread.run_sync(before_done.set)
+        page.wait_for_selector('.answer[data-id="b1"].state-done', timeout=10_000)
+        seen["b1 done"] = card_info(page, "b1")
 
-            page.fill("#prompt", "weather?")
-            page.click("#send")
-            card = page.locator('.answer[data-id="b1"]')
-            card.locator(".tool").filter(has_text='"CET"}').wait_for(timeout=10_000)
-            seen["b1 before done"] = card_info(page, "b1")
-            trio.from_thread.run_sync(before_done.set)
-            page.wait_for_selector('.answer[data-id="b1"].state-done', timeout=10_000)
-            seen["b1 done"] = card_info(page, "b1")
+        ask(page, "calls in done only")
+        page.wait_for_selector('.answer[data-id="b2"].state-done', timeout=10_000)
+        seen["b2"] = card_info(page, "b2")
 
-            page.fill("#prompt", "calls in done only")
-            page.click("#send")
-            page.wait_for_selector('.answer[data-id="b2"].state-done', timeout=10_000)
-            seen["b2"] = card_info(page, "b2")
+        ask(page, "hello")
+        page.wait_for_selector('.answer[data-id="b3"].state-done', timeout=10_000)
+        seen["b3"] = card_info(page, "b3")
+        seen["history"] = page.evaluate("() => window.__states")
 
-            page.fill("#prompt", "hello")
-            page.click("#send")
-            page.wait_for_selector('.answer[data-id="b3"].state-done', timeout=10_000)
-            seen["b3"] = card_info(page, "b3")
-            seen["history"] = page.evaluate("() => window.__states")
-
-            card.locator("details.reasoning summary").click()  # the user opens it
-            seen["b1 opened"] = card.locator(".reasoning-text").inner_text()
-            page.screenshot(path=str(screenshot), full_page=True)
-        finally:
-            browser.close()
+        card.locator("details.reasoning summary").click()  # the user opens it
+        seen["b1 opened"] = card.locator(".reasoning-text").inner_text()
+        page.screenshot(path=str(screenshot), full_page=True)
     return seen
 
 
@@ -319,20 +310,10 @@ async def test_reasoning_and_tool_calls_on_the_page(nursery: trio.Nursery, chrom
 
 
 def drive_end_to_end(chromium: str, page_url: str) -> dict[str, Any]:
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=chromium, headless=True, args=CHROMIUM_FLAGS)
-        try:
-            page = browser.new_page()
-            page.goto(page_url)
-            page.wait_for_selector("#status.connected", timeout=10_000)
-            page.fill("#prompt", "weather?")
-            page.click("#send")
-            page.wait_for_selector('.answer[data-id="b1"].state-done', timeout=10_000)
-            return card_info(page, "b1")
-        finally:
-            browser.close()
+    with open_chat_page(chromium, page_url) as page:
+        ask(page, "weather?")
+        page.wait_for_selector('.answer[data-id="b1"].state-done', timeout=10_000)
+        return card_info(page, "b1")
 
 
 async def test_end_to_end_reasoning_and_tool_calls(
@@ -353,30 +334,18 @@ async def test_end_to_end_reasoning_and_tool_calls(
 
 
 def drive_resume(chromium: str, page_url: str) -> dict[str, Any]:
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=chromium, headless=True, args=CHROMIUM_FLAGS)
-        try:
-            page = browser.new_page()
-            page.add_init_script(STATE_RECORDER)
-            sent: list[str] = []
-            page.on("websocket", lambda socket: socket.on("framesent", lambda payload: sent.append(str(payload))))
-            page.goto(page_url)
-            page.wait_for_selector("#status.connected", timeout=10_000)
-            page.locator("details summary").first.click()  # Settings
-            page.fill("#max", str(COUNT))
-            page.fill("#prompt", "count")
-            page.click("#send")
-            page.wait_for_selector('.answer[data-id="b1"]:is(.state-done, .state-error, .state-cancelled)',
-                                   timeout=30_000)
-            seen = card_info(page, "b1")
-            seen["usage"] = page.locator('.answer[data-id="b1"] .usage').inner_text()
-            seen["history"] = page.evaluate("() => window.__states")["b1"]
-            seen["sent"] = [json.loads(frame) for frame in sent]
-            return seen
-        finally:
-            browser.close()
+    sent: list[str] = []
+    with open_chat_page(chromium, page_url, record_states=True, sent=sent) as page:
+        page.locator("details summary").first.click()  # Settings
+        page.fill("#max", str(COUNT))
+        ask(page, "count")
+        page.wait_for_selector('.answer[data-id="b1"]:is(.state-done, .state-error, .state-cancelled)',
+                               timeout=30_000)
+        seen = card_info(page, "b1")
+        seen["usage"] = page.locator('.answer[data-id="b1"] .usage').inner_text()
+        seen["history"] = page.evaluate("() => window.__states")["b1"]
+        seen["sent"] = [json.loads(frame) for frame in sent]
+        return seen
 
 
 @pytest.mark.parametrize("rst", [True, False], ids=["rst", "fin"])

@@ -22,7 +22,7 @@ from trioai.cli import check_tls_files, main, run_server, settings_for_embedded,
 from trioai.config import EMBEDDED_DEFAULT_MAX_TOKENS, ConfigError, Settings
 from trioai.fake_upstream import FakeUpstream
 
-from .helpers import chat, collect_until_terminal, echo_tokens, send
+from .helpers import chat, collect_until_terminal, echo_tokens, send, serve_fails_to_start
 
 
 async def read_until(stream: trio.abc.ReceiveStream, pattern: str, seen: bytearray) -> re.Match[str]:
@@ -155,14 +155,8 @@ def test_tls_files_are_checked_and_named(tmp_path: Path) -> None:
 
 async def test_missing_certificate_is_named_at_start(tmp_path: Path) -> None:
     missing = tmp_path / "missing.pem"
-    result = await trio.run_process(
-        [sys.executable, "-m", "trioai", "serve", "--port", "0", "--upstream", "http://127.0.0.1:9/v1",
-         "--certfile", str(missing)],
-        check=False, capture_stderr=True,
-    )
-    assert result.returncode == 1
-    assert f"cannot start: cannot read certfile {missing}: No such file or directory" in result.stderr.decode()
-    assert b"Traceback" not in result.stderr
+    stderr = await serve_fails_to_start("--certfile", str(missing))
+    assert f"cannot start: cannot read certfile {missing}: No such file or directory" in stderr
 
 
 @pytest.mark.parametrize(

@@ -13,25 +13,29 @@ import subprocess
 import sys
 from collections.abc import AsyncIterator
 from functools import partial
-from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
 import trio
+from openai.types.responses import Response
 from trio_websocket import open_websocket_url
 
 from trioai.engine import MISSING_ENGINE_HELP, EngineMissing, check_engine_installed
 
 from .helpers import (
+    RESUME_TOKENS,
     chat,
     check_one_generation,
     collect_until_terminal,
+    cut_and_resume,
     read_generation,
-    read_until_cut,
     recv,
+    resumable,
     send,
+    text_of,
 )
 from .proxy import CutProxy
+from .test_responses import ENGINE_LIMITS, ENGINE_TIMEOUT, sdk_connection, text_deltas, until_terminal
 
 pytestmark = pytest.mark.engine
 
@@ -117,10 +121,6 @@ def pid_alive(pid: int) -> bool:
             return fh.read().split()[2] != "Z"
     except FileNotFoundError:
         return False
-
-
-def text_of(events: list[dict[str, Any]]) -> str:
-    return "".join(e["content"] for e in events if e["type"] == "token")
 
 
 async def test_real_prompt_streams_real_tokens(serve_process: ServeProcess) -> None:
@@ -240,16 +240,6 @@ async def test_engine_outlives_the_thread_that_started_it(serve_process: ServePr
 
 # --- Resume: a generation outlives a connection cut mid-answer ---------------------------------------
 
-RESUME_TOKENS = 48
-# Bytes of the server's answer let through before the cut: the 101 handshake (~160), start with its
-# token (~120) and the first few token events (~55 each). A whole 48-token answer takes ~2,900.
-RESUME_CUT_AFTER = 600
-
-
-def resumable(rid: str) -> dict[str, Any]:
-    return chat(PROMPT, max_tokens=RESUME_TOKENS, id=rid, resumable=True, temperature=0, seed=7)
-
-
 async def test_a_cut_mid_answer_resumes_to_the_uninterrupted_text(
     serve_process: ServeProcess, nursery: trio.Nursery
 ) -> None:
@@ -262,28 +252,16 @@ async def test_a_cut_mid_answer_resumes_to_the_uninterrupted_text(
     # prompt cold (later runs take it from its prompt cache) and drifts after ~25 tokens.
     async with open_websocket_url(proxy.url) as ws:
         for rid in ("warm", "whole"):
-            await send(ws, resumable(rid))
+            await send(ws, resumable(PROMPT, rid))
             whole = await read_generation(ws, rid)
     check_one_generation(whole)
     assert whole[-1]["finish_reason"] == "length" and whole[-1]["usage"]["completion_tokens"] == RESUME_TOKENS
 
-    proxy.cut_after = RESUME_CUT_AFTER
-    async with open_websocket_url(proxy.url) as ws:
-        await send(ws, resumable("cut"))
-        before = await read_until_cut(ws)
-    assert before[0]["type"] == "start" and before[-1]["type"] == "token", before[-1:]
-    assert 2 <= len(before) - 1 <= RESUME_TOKENS // 3, f"cut after {len(before) - 1} tokens, not a few"
-    async with open_websocket_url(serve_process.url) as ws:
-        await send(ws, {"type": "resume", "id": "cut", "resume_token": before[0]["resume_token"],
-                        "after": before[-1]["seq"]})
-        after = await read_generation(ws, "cut")
-    events = before + after
-    check_one_generation(events)
-    assert text_of(events) == text_of(whole)  # greedy: no gap, no duplicate, nothing re-generated
+    # Cut a few tokens in, resumed on a direct connection: exactly the uninterrupted text. The gateway
+    # counts llama.cpp's deltas: one per token, a few joined at most on the resume.
+    events = await cut_and_resume(proxy, serve_process.url, PROMPT, whole)
     done = events[-1]
     assert done["finish_reason"] == "length" and done["usage"]["completion_tokens"] == RESUME_TOKENS, done
-    # The gateway counts llama.cpp's deltas: one per token, a few joined at most on the resume.
-    assert len(after) >= 2 and len([e for e in events if e["type"] == "token"]) <= RESUME_TOKENS
     # The engine ran it once: one log line of its end, and it was resumed, not restarted.
     await serve_process.wait_for(r"id=cut resumed after=")
     outcome = await serve_process.wait_for(r"id=cut outcome=(\S+)")
@@ -298,27 +276,14 @@ async def test_a_cut_mid_answer_resumes_to_the_uninterrupted_text(
 async def test_openai_sdk_responses_websocket_text(serve_process: ServeProcess) -> None:
     """The official SDK's sync client (in a worker thread) gets a real answer: the final output_text is
     exactly its streamed text deltas."""
-    from openai import OpenAI
-    from openai.lib.responses_websocket import ResponsesWebSocketLimits, ResponsesWebSocketSession
-    from openai.types.responses import Response
-    from openai.types.responses.responses_server_event import ResponseTextWsDelta
-
     server = urlsplit(serve_process.url)
     base_url = f"http://{server.hostname}:{server.port}/v1"
-    limits = ResponsesWebSocketLimits(max_lanes=4, max_events_per_lane=1024, max_events=1024,
-                                      max_bytes_per_lane=1 << 20, max_bytes=1 << 20)
 
-    def run() -> tuple[list[str], Response]:
-        client = OpenAI(base_url=base_url, api_key="sk-test", max_retries=0)
-        with client.responses.connect() as connection, ResponsesWebSocketSession(connection, limits=limits) as session:
+    def run() -> tuple[str, Response]:
+        with sdk_connection(base_url, ENGINE_LIMITS) as session:
             session.default.send({"type": "response.create", "input": PROMPT, "max_output_tokens": 24})
-            deltas: list[str] = []
-            while True:
-                event = session.default.recv(timeout=120)
-                if isinstance(event, ResponseTextWsDelta):
-                    deltas.append(event.delta)
-                if event.type in ("response.completed", "response.incomplete", "response.failed", "error"):
-                    return deltas, session.default.get_final_response(timeout=10)
+            events = until_terminal(session.default, timeout=ENGINE_TIMEOUT)
+            return text_deltas(events), session.default.get_final_response(timeout=10)
 
     with trio.fail_after(180):
         deltas, response = await trio.to_thread.run_sync(run, abandon_on_cancel=True)
@@ -326,6 +291,6 @@ async def test_openai_sdk_responses_websocket_text(serve_process: ServeProcess) 
     if response.status == "incomplete":
         assert response.incomplete_details is not None and response.incomplete_details.reason == "max_output_tokens"
     assert response.output_text.strip()
-    assert response.output_text == "".join(deltas)
+    assert response.output_text == deltas
     assert response.model == "gemma3-270m"
     assert response.usage is not None and 1 <= response.usage.output_tokens <= 24

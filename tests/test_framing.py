@@ -119,6 +119,16 @@ class RawClient:
         await self.stream.aclose()
 
 
+async def send_until_closed(server: RunningServer, data: bytes) -> tuple[list[tuple[int, bytes]], bytes | None]:
+    """Send ``data`` on a new raw connection, then :meth:`RawClient.closing_frames` until the server closes TCP."""
+    client = await RawClient.connect(server)
+    try:
+        await client.stream.send_all(data)
+        return await client.closing_frames()
+    finally:
+        await client.aclose()
+
+
 def close_code(payload: bytes) -> int:
     """The code of a close frame's payload, its reason checked to be valid UTF-8 (1005: no code)."""
     if not payload:
@@ -157,12 +167,7 @@ async def test_a_framing_violation_gets_a_close_frame_with_its_code(
     gateway: RunningServer, caplog: pytest.LogCaptureFixture, data: bytes, code: int
 ) -> None:
     caplog.set_level(logging.DEBUG)
-    client = await RawClient.connect(gateway)
-    try:
-        await client.stream.send_all(data)
-        before, payload = await client.closing_frames()
-    finally:
-        await client.aclose()
+    before, payload = await send_until_closed(gateway, data)
     assert before == []
     assert payload is not None, "TCP closed without a close frame"
     assert close_code(payload) == code
@@ -181,12 +186,7 @@ async def test_a_framing_violation_gets_a_close_frame_with_its_code(
     ],
 )
 async def test_a_valid_close_gets_its_reply(gateway: RunningServer, data: bytes, reply: bytes) -> None:
-    client = await RawClient.connect(gateway)
-    try:
-        await client.stream.send_all(data)
-        before, payload = await client.closing_frames()
-    finally:
-        await client.aclose()
+    before, payload = await send_until_closed(gateway, data)
     assert (before, payload) == ([], reply)
 
 
@@ -196,12 +196,8 @@ async def test_a_violation_right_after_a_request_closes_cleanly(
     # The session may still be answering the ping when the reader fails the connection: the pong
     # comes before the close frame or not at all, and nothing is logged as an error.
     caplog.set_level(logging.DEBUG)
-    client = await RawClient.connect(gateway)
-    try:
-        await client.stream.send_all(frame(TEXT, b'{"type":"ping","id":1}') + frame(TEXT, b"{}", rsv=0x40))
-        before, payload = await client.closing_frames()
-    finally:
-        await client.aclose()
+    before, payload = await send_until_closed(gateway, frame(TEXT, b'{"type":"ping","id":1}')
+                                              + frame(TEXT, b"{}", rsv=0x40))
     assert [(opcode, json.loads(text)) for opcode, text in before] in ([], [(TEXT, {"type": "pong", "id": 1})])
     assert payload is not None and close_code(payload) == PROTOCOL_ERROR
     await assert_still_serves(gateway)
@@ -238,12 +234,7 @@ def test_the_override_still_targets_a_trio_websocket_method() -> None:
 async def test_a_close_right_after_a_request_still_gets_its_reply(gateway: RunningServer) -> None:
     # The session may be answering the ping as the close arrives: its writer then finds the
     # connection closed and cancels the connection's tasks, which must not lose the reply.
-    client = await RawClient.connect(gateway)
-    try:
-        await client.stream.send_all(frame(TEXT, b'{"type":"ping","id":1}') + close(1000))
-        before, payload = await client.closing_frames()
-    finally:
-        await client.aclose()
+    before, payload = await send_until_closed(gateway, frame(TEXT, b'{"type":"ping","id":1}') + close(1000))
     assert [(opcode, json.loads(text)) for opcode, text in before] in ([], [(TEXT, {"type": "pong", "id": 1})])
     assert payload == struct.pack("!H", 1000)
 

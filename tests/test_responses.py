@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from typing import Any, TypeVar, cast
 
 import pytest
@@ -44,47 +44,32 @@ from openai.types.responses.responses_server_event import (
     ResponseWsCreated,
     ResponseWsError,
 )
-from pydantic import BaseModel, TypeAdapter
 from trio_websocket import open_websocket_url
 
 from trioai.fake_upstream import Delta, FakeUpstream, Script, TokenLogprob, ToolDelta
 from trioai.server import RunningServer
 
 from .conftest import StartGateway
+from .test_responses_codec import SCHEMA, SERVER_EVENTS, TERMINALS, check_model
 
 # websockets >= 17.1 warns about the way openai 3.57's sync client opens its socket (the SDK's
 # business, not ours): keep it out of the summary.
 pytestmark = pytest.mark.filterwarnings("ignore:connect\\(\\) must be used as a context manager:DeprecationWarning")
 
 T = TypeVar("T")
-SERVER_EVENTS: TypeAdapter[Any] = TypeAdapter(ResponsesServerEvent)
 LIMITS = ResponsesWebSocketLimits(max_lanes=8, max_events_per_lane=4096, max_events=16384,
                                   max_bytes_per_lane=16 << 20, max_bytes=32 << 20)
 TIMEOUT = 15.0  # any one SDK wait
-TERMINALS = frozenset({"response.completed", "response.failed", "response.incomplete", "error"})
-SCHEMA: dict[str, Any] = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+# For tests/test_engine.py and tests/test_vllm.py: a real engine's one or two answers, and its waits.
+ENGINE_LIMITS = ResponsesWebSocketLimits(max_lanes=4, max_events_per_lane=1024, max_events=1024,
+                                         max_bytes_per_lane=1 << 20, max_bytes=1 << 20)
+ENGINE_TIMEOUT = 120.0
 WEATHER_TOOL: dict[str, Any] = {"type": "function", "name": "get_weather", "description": "The weather in a city.",
                                 "parameters": SCHEMA, "strict": True}
 LONG = tuple(f"t{i} " for i in range(400))  # 400 tokens, 20 ms apart: 8 s, far longer than any test waits
 
 
 # --- helpers -----------------------------------------------------------------------------------
-
-
-def check_model(model: BaseModel) -> None:
-    """No field the SDK's models do not know, at any depth."""
-    extra = model.__pydantic_extra__
-    assert not extra, f"{type(model).__name__} has unknown fields {sorted(extra)}"
-    for name in type(model).model_fields:
-        stack = [getattr(model, name)]
-        while stack:
-            value = stack.pop()
-            if isinstance(value, BaseModel):
-                check_model(value)
-            elif isinstance(value, list | tuple):
-                stack.extend(value)
-            elif isinstance(value, dict):
-                stack.extend(value.values())
 
 
 def validate_frames(connection: ResponsesConnection | AsyncResponsesConnection, frames: list[dict[str, Any]]) -> None:
@@ -121,13 +106,22 @@ def check_frames(frames: list[dict[str, Any]]) -> None:
 
 
 @contextmanager
-def sdk_session(server: RunningServer, frames: list[dict[str, Any]]) -> Iterator[ResponsesWebSocketSession]:
-    """The sync SDK's session on a fresh connection to ``/v1/responses``, every frame validated."""
-    client = OpenAI(base_url=server.openai_base_url, api_key="sk-test", max_retries=0)
+def sdk_connection(base_url: str, limits: ResponsesWebSocketLimits = LIMITS,
+                   frames: list[dict[str, Any]] | None = None) -> Iterator[ResponsesWebSocketSession]:
+    """The sync SDK's session on a fresh connection to ``base_url``'s ``/responses``; with ``frames``,
+    every frame validated (and kept there)."""
+    client = OpenAI(base_url=base_url, api_key="sk-test", max_retries=0)
     with client.responses.connect() as connection:
-        validate_frames(connection, frames)
-        with ResponsesWebSocketSession(connection, limits=LIMITS) as session:
+        if frames is not None:
+            validate_frames(connection, frames)
+        with ResponsesWebSocketSession(connection, limits=limits) as session:
             yield session
+
+
+def sdk_session(server: RunningServer, frames: list[dict[str, Any]]) -> AbstractContextManager[
+        ResponsesWebSocketSession]:
+    """The sync SDK's session on a fresh connection to the server's ``/v1/responses``, every frame validated."""
+    return sdk_connection(server.openai_base_url, frames=frames)
 
 
 async def in_thread(function: Callable[[], T], timeout: float = 60.0) -> T:
@@ -136,11 +130,11 @@ async def in_thread(function: Callable[[], T], timeout: float = 60.0) -> T:
         return await trio.to_thread.run_sync(function, abandon_on_cancel=True)
 
 
-def until_terminal(lane: ResponsesWebSocketLane) -> list[ResponsesServerEvent]:
+def until_terminal(lane: ResponsesWebSocketLane, timeout: float = TIMEOUT) -> list[ResponsesServerEvent]:
     """A lane's events up to and including the next terminal (``get_final_response`` still answers)."""
     events: list[ResponsesServerEvent] = []
     while True:
-        events.append(event := lane.recv(timeout=TIMEOUT))
+        events.append(event := lane.recv(timeout=timeout))
         if event.type in TERMINALS:
             return events
 

@@ -54,7 +54,7 @@ from trioai.responses import (
 SERVER_EVENTS: TypeAdapter[Any] = TypeAdapter(ResponsesServerEvent)
 LIMITS = Limits(max_messages=16, max_tokens_limit=1000, max_tools=4, max_schema_depth=6)
 RID = "resp_test"
-TERMINALS = {"response.completed", "response.failed", "response.incomplete", "error"}
+TERMINALS = frozenset({"response.completed", "response.failed", "response.incomplete", "error"})
 SCHEMA: dict[str, Any] = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
 WEATHER: dict[str, Any] = {"type": "function", "name": "get_weather", "description": "Weather now.",
                            "parameters": SCHEMA, "strict": True}

@@ -21,7 +21,17 @@ from trioai.fake_upstream import FakeUpstream, Script
 from trioai.server import RunningServer, serve
 
 from .conftest import StartGateway
-from .helpers import TERMINAL, chat, check_one_generation, read_generation, read_until_cut, recv, send
+from .helpers import (
+    TERMINAL,
+    chat,
+    check_one_generation,
+    read_generation,
+    read_through_cut,
+    recv,
+    resume_after,
+    send,
+    text_of,
+)
 from .proxy import CutProxy
 
 
@@ -39,7 +49,7 @@ def numbered_script(delay: float = 0.005) -> Any:
 def check_exact(events: list[dict[str, Any]], text: str) -> None:
     """One generation's events, whole (see check_one_generation), and exactly ``text``."""
     check_one_generation(events)
-    assert "".join(e["content"] for e in events if e["type"] == "token") == text
+    assert text_of(events) == text
 
 
 @pytest.fixture
@@ -81,16 +91,9 @@ async def test_a_cut_mid_answer_is_resumed_exactly(proxied: tuple[RunningServer,
     server, proxy = proxied
     proxy.rst = rst
     proxy.cut_after = 1500  # bytes of the server's answer: the handshake and a few dozen tokens
-    before: list[dict[str, Any]] = []
-    async with open_websocket_url(proxy.url) as ws:
-        await send(ws, chat("x", max_tokens=200, id="g", resumable=True))
-        before.extend(await read_until_cut(ws))
+    before = await read_through_cut(proxy.url, chat("x", max_tokens=200, id="g", resumable=True))
     assert before and before[-1]["type"] not in TERMINAL
-    token = before[0]["resume_token"]
-    async with open_websocket_url(server.url) as ws:
-        await send(ws, {"type": "resume", "id": "g", "resume_token": token, "after": before[-1]["seq"]})
-        after: list[dict[str, Any]] = []
-        after.extend(await read_generation(ws, "g"))
+    after = await resume_after(server.url, "g", before)
     check_exact(before + after, numbered(200))
     assert len(upstream.requests) == 1 and upstream.requests[0].completed  # ran once, to its end
 
@@ -101,11 +104,7 @@ async def test_a_done_lost_on_the_wire_can_still_be_fetched(gateway: RunningServ
         await send(ws, chat("x", max_tokens=5, id="d", resumable=True))
         events: list[dict[str, Any]] = []
         events.extend(await read_generation(ws, "d"))
-    async with open_websocket_url(gateway.url) as ws:
-        await send(ws, {"type": "resume", "id": "d", "resume_token": events[0]["resume_token"],
-                        "after": events[-2]["seq"]})
-        again: list[dict[str, Any]] = []
-        again.extend(await read_generation(ws, "d"))
+    again = await resume_after(gateway.url, "d", events[:-1])  # after the event before done
     assert again == [events[-1]]  # the same done, with the same seq
 
 
@@ -203,11 +202,7 @@ async def test_a_detached_generation_with_a_full_log_waits_for_its_client(
     assert generation.stats.deltas == relayed < 3000  # paused at the log's bound, not aborted
     assert not engine.completed and not engine.closed.is_set()
     assert 4096 <= server.gateway.registry.log_bytes <= 4096 + 16
-    async with open_websocket_url(server.url) as ws:
-        await send(ws, {"type": "resume", "id": "f", "resume_token": first[0]["resume_token"],
-                        "after": first[-1]["seq"]})
-        rest: list[dict[str, Any]] = []
-        rest.extend(await read_generation(ws, "f"))
+    rest = await resume_after(server.url, "f", first)
     check_exact(first + rest, numbered(3000))
 
 
@@ -255,17 +250,10 @@ async def test_any_cut_and_any_after_give_the_exact_text(cut: int, back: int, rs
         await nursery.start(proxy.serve)
         proxy.rst = rst
         proxy.cut_after = cut
-        before: list[dict[str, Any]] = []
-        async with open_websocket_url(proxy.url) as ws:
-            await send(ws, chat("x", max_tokens=120, id="h", resumable=True))
-            before.extend(await read_until_cut(ws))
+        before = await read_through_cut(proxy.url, chat("x", max_tokens=120, id="h", resumable=True))
         if before:  # else the cut came inside the handshake: nothing to resume
             before = before[:max(1, len(before) - back)]  # as if the client had kept fewer events
-            async with open_websocket_url(server.url) as ws:
-                await send(ws, {"type": "resume", "id": "h", "resume_token": before[0]["resume_token"],
-                                "after": before[-1]["seq"]})
-                after: list[dict[str, Any]] = []
-                after.extend(await read_generation(ws, "h"))
+            after = await resume_after(server.url, "h", before)
             check_exact(before + after, numbered(120))
         nursery.cancel_scope.cancel()
 
@@ -278,17 +266,11 @@ async def test_resume_on_a_new_connection_while_the_old_one_is_half_open(
     server, proxy = proxied
     proxy.half_open = True
     proxy.cut_after = 1200
-    before: list[dict[str, Any]] = []
-    async with open_websocket_url(proxy.url) as ws:
-        await send(ws, chat("x", max_tokens=300, id="half", resumable=True))
-        before.extend(await read_until_cut(ws))
+    before = await read_through_cut(proxy.url, chat("x", max_tokens=300, id="half", resumable=True))
     (relay,) = proxy.relays
     assert not relay.server.socket.fileno() < 0  # the server's side of the old connection is still open
     assert len(server.server.sessions) == 1  # and the server still counts it as connected
-    async with open_websocket_url(server.url) as ws:
-        await send(ws, {"type": "resume", "id": "half", "resume_token": before[0]["resume_token"],
-                        "after": before[-1]["seq"]})
-        after = await read_generation(ws, "half")
+    after = await resume_after(server.url, "half", before)
     check_exact(before + after, numbered(300))
     await relay.server.aclose()
 

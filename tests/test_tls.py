@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import ssl
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,7 +12,7 @@ import trio
 from trio_websocket import open_websocket_url
 
 from .conftest import StartGateway
-from .helpers import chat, collect_until_terminal, send
+from .helpers import chat, collect_until_terminal, send, serve_fails_to_start
 
 
 @pytest.fixture(scope="module")
@@ -67,12 +66,5 @@ async def test_plain_ws_to_the_tls_port_fails_and_harms_nothing(
 
 
 async def test_unreadable_certificate_is_a_clean_startup_failure(tmp_path: Path) -> None:
-    missing = tmp_path / "missing.pem"
-    result = await trio.run_process(
-        [sys.executable, "-m", "trioai", "serve", "--port", "0", "--upstream", "http://127.0.0.1:9/v1",
-         "--certfile", str(missing)],
-        check=False, capture_stderr=True,
-    )
-    assert result.returncode == 1
-    assert b"cannot start" in result.stderr
-    assert b"Traceback" not in result.stderr
+    stderr = await serve_fails_to_start("--certfile", str(tmp_path / "missing.pem"))
+    assert "cannot start" in stderr

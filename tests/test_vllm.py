@@ -20,21 +20,26 @@ from typing import Any
 import httpx
 import pytest
 import trio
+from openai.types.responses import Response
 from trio_websocket import open_websocket_url
 
 from trioai.config import Settings
 from trioai.server import RunningServer, serve
 
 from .helpers import (
+    RESUME_TOKENS,
     chat,
     check_one_generation,
     collect_until_terminal,
+    cut_and_resume,
     read_generation,
-    read_until_cut,
     recv,
+    resumable,
     send,
+    text_of,
 )
 from .proxy import CutProxy
+from .test_responses import ENGINE_LIMITS, ENGINE_TIMEOUT, sdk_connection, text_deltas, until_terminal
 
 pytestmark = pytest.mark.vllm
 
@@ -57,14 +62,19 @@ async def vllm_gateway(nursery: trio.Nursery, vllm_url: str) -> RunningServer:
     return running
 
 
-async def engine_metrics(vllm_url: str) -> dict[str, float]:
-    """vLLM's Prometheus gauges and counters we watch, summed over their labels."""
+async def metrics_lines(vllm_url: str) -> list[str]:
+    """vLLM's ``/metrics`` (Prometheus text), line by line."""
     metrics_url = vllm_url.removesuffix("/v1") + "/metrics"
     async with httpx.AsyncClient(timeout=10.0) as client:
         response = await client.get(metrics_url)
     response.raise_for_status()
+    return response.text.splitlines()
+
+
+async def engine_metrics(vllm_url: str) -> dict[str, float]:
+    """vLLM's Prometheus gauges and counters we watch, summed over their labels."""
     totals: dict[str, float] = {}
-    for line in response.text.splitlines():
+    for line in await metrics_lines(vllm_url):
         m = re.match(r"(vllm:(?:num_requests_running|num_requests_waiting|generation_tokens_total))(?:\{.*\})? (\S+)$",
                      line)
         if m:
@@ -96,10 +106,6 @@ async def wait_running(vllm_url: str) -> None:
     with trio.fail_after(30):
         while (await engine_metrics(vllm_url))["vllm:num_requests_running"] < 1:
             await trio.sleep(0.02)
-
-
-def text_of(events: list[dict[str, Any]]) -> str:
-    return "".join(e["content"] for e in events if e["type"] == "token")
 
 
 async def test_plain_format_client_gets_tokens_and_vllm_usage(vllm_gateway: RunningServer) -> None:
@@ -389,24 +395,10 @@ async def test_tool_calls_through_trioai_match_vllm_itself(
 
 # --- Resume: a generation outlives a connection cut mid-answer ---------------------------------------
 
-RESUME_TOKENS = 48
-# Bytes of the server's answer let through before the cut: the 101 handshake, start with its token
-# and the first few token events. A whole 48-token answer takes ~2,900.
-RESUME_CUT_AFTER = 600
-
-
-def resumable(rid: str) -> dict[str, Any]:
-    return chat(PROMPT, max_tokens=RESUME_TOKENS, id=rid, resumable=True, temperature=0, seed=7)
-
-
 async def finished_requests(vllm_url: str) -> dict[str, float]:
     """vLLM's ``vllm:request_success_total`` by ``finished_reason`` (summed over other labels)."""
-    metrics_url = vllm_url.removesuffix("/v1") + "/metrics"
-    async with httpx.AsyncClient(timeout=10.0) as client:
-        response = await client.get(metrics_url)
-    response.raise_for_status()
     counts: dict[str, float] = {}
-    for line in response.text.splitlines():
+    for line in await metrics_lines(vllm_url):
         if m := re.match(r"vllm:request_success_total\{(.*)\} (\S+)$", line):
             reason = re.search(r'finished_reason="([^"]*)"', m.group(1))
             assert reason, line
@@ -422,7 +414,7 @@ async def test_a_cut_mid_answer_resumes_and_vllm_runs_it_once(
     await nursery.start(proxy.serve)
     # The reference: the same request, uninterrupted.
     async with open_websocket_url(vllm_gateway.url) as ws:
-        await send(ws, resumable("whole"))
+        await send(ws, resumable(PROMPT, "whole"))
         whole = await read_generation(ws, "whole")
     check_one_generation(whole)
     assert whole[-1]["finish_reason"] == "length" and whole[-1]["usage"]["completion_tokens"] == RESUME_TOKENS
@@ -430,22 +422,10 @@ async def test_a_cut_mid_answer_resumes_and_vllm_runs_it_once(
     await wait_engine_idle(vllm_url)
     finished_before = await finished_requests(vllm_url)
     generated_before = (await engine_metrics(vllm_url))["vllm:generation_tokens_total"]
-    proxy.cut_after = RESUME_CUT_AFTER
-    async with open_websocket_url(proxy.url) as ws:
-        await send(ws, resumable("cut"))
-        before = await read_until_cut(ws)
-    assert before[0]["type"] == "start" and before[-1]["type"] == "token", before[-1:]
-    assert 2 <= len(before) - 1 <= RESUME_TOKENS // 3, f"cut after {len(before) - 1} tokens, not a few"
-    async with open_websocket_url(vllm_gateway.url) as ws:
-        await send(ws, {"type": "resume", "id": "cut", "resume_token": before[0]["resume_token"],
-                        "after": before[-1]["seq"]})
-        after = await read_generation(ws, "cut")
-    events = before + after
-    check_one_generation(events)
-    assert text_of(events) == text_of(whole)  # greedy: no gap, no duplicate, nothing re-generated
+    # Cut a few tokens in, resumed on a direct connection: exactly the uninterrupted text.
+    events = await cut_and_resume(proxy, vllm_gateway.url, PROMPT, whole)
     done = events[-1]
     assert done["usage"]["source"] == "engine" and done["usage"]["completion_tokens"] == RESUME_TOKENS, done
-    assert len(after) >= 2 and len([e for e in events if e["type"] == "token"]) <= RESUME_TOKENS
 
     # vLLM's witness: one request more, finished by length (not aborted, not run again), 48 tokens.
     await wait_engine_idle(vllm_url)
@@ -465,19 +445,11 @@ async def test_a_cut_mid_answer_resumes_and_vllm_runs_it_once(
 async def test_openai_sdk_responses_websocket_text_and_json_schema(vllm_gateway: RunningServer) -> None:
     """The official SDK's sync client (in a worker thread), one connection, two responses: plain text whose
     final output_text is exactly its streamed deltas, then a json_schema ``text.format`` answer."""
-    from openai import OpenAI
-    from openai.lib.responses_websocket import ResponsesWebSocketLimits, ResponsesWebSocketSession
-    from openai.types.responses import Response
-    from openai.types.responses.responses_server_event import ResponseTextWsDelta
-
-    limits = ResponsesWebSocketLimits(max_lanes=4, max_events_per_lane=1024, max_events=1024,
-                                      max_bytes_per_lane=1 << 20, max_bytes=1 << 20)
     person_format = {"type": "json_schema", "name": "person", "schema": PERSON_SCHEMA, "strict": True}
 
-    def run() -> list[tuple[list[str], Response]]:
-        client = OpenAI(base_url=vllm_gateway.openai_base_url, api_key="sk-test", max_retries=0)
-        answers: list[tuple[list[str], Response]] = []
-        with client.responses.connect() as connection, ResponsesWebSocketSession(connection, limits=limits) as session:
+    def run() -> list[tuple[str, Response]]:
+        answers: list[tuple[str, Response]] = []
+        with sdk_connection(vllm_gateway.openai_base_url, ENGINE_LIMITS) as session:
             lane = session.lane("main")
             creates: list[Any] = [
                 {"type": "response.create", "input": "Say hello.", "max_output_tokens": 16},
@@ -486,26 +458,20 @@ async def test_openai_sdk_responses_websocket_text_and_json_schema(vllm_gateway:
             ]
             for create in creates:
                 lane.send(create)
-                deltas: list[str] = []
-                while True:
-                    event = lane.recv(timeout=120)
-                    if isinstance(event, ResponseTextWsDelta):
-                        deltas.append(event.delta)
-                    if event.type in ("response.completed", "response.incomplete", "response.failed", "error"):
-                        answers.append((deltas, lane.get_final_response(timeout=10)))
-                        break
+                events = until_terminal(lane, timeout=ENGINE_TIMEOUT)
+                answers.append((text_deltas(events), lane.get_final_response(timeout=10)))
         return answers
 
     with trio.fail_after(240):
         (deltas, text), (json_deltas, structured) = await trio.to_thread.run_sync(run, abandon_on_cancel=True)
     assert text.status in ("completed", "incomplete"), text
     assert text.output_text.strip()
-    assert text.output_text == "".join(deltas)
+    assert text.output_text == deltas
     assert text.usage is not None and text.usage.input_tokens > 5 and 1 <= text.usage.output_tokens <= 16
 
     assert structured.status == "completed", structured  # the grammar closed the object: not cut off
     assert structured.text is not None and structured.text.format is not None
     assert structured.text.format.type == "json_schema"
-    assert structured.output_text == "".join(json_deltas)
+    assert structured.output_text == json_deltas
     value = json.loads(structured.output_text)
     assert schema_errors(value, PERSON_SCHEMA) == [], structured.output_text
