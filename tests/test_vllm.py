@@ -15,7 +15,7 @@ import json
 import math
 import os
 import re
-from typing import Any
+from typing import Any, cast
 
 import httpx
 import pytest
@@ -475,3 +475,43 @@ async def test_openai_sdk_responses_websocket_text_and_json_schema(vllm_gateway:
     assert structured.output_text == json_deltas
     value = json.loads(structured.output_text)
     assert schema_errors(value, PERSON_SCHEMA) == [], structured.output_text
+
+
+@pytest.mark.parametrize("choice", ["named", "required"])
+async def test_openai_sdk_function_calls_match_vllms_own_chat_stream(
+    vllm_gateway: RunningServer, vllm_url: str, choice: str
+) -> None:
+    """Differential, as for /ws/chat: the same greedy request straight from vLLM's chat stream and
+    through /v1/responses with the official SDK gives the same calls (name, arguments) and text."""
+    tool_choice, _ = TOOL_CHOICES[choice]
+    body: dict[str, Any] = {"messages": [{"role": "user", "content": TOOL_PROMPT}], "max_tokens": 48,
+                            "temperature": 0, "tools": TOOLS, "tool_choice": tool_choice}
+    direct = await vllm_stream(vllm_url, body)
+    functions: list[dict[str, Any]] = [cast(dict[str, Any], t["function"]) for t in TOOLS]
+    tools = [{"type": "function", **function} for function in functions]
+    named: dict[str, Any] = tool_choice if isinstance(tool_choice, dict) else {}
+    responses_choice = tool_choice if isinstance(tool_choice, str) else {
+        "type": "function", "name": named["function"]["name"]}
+    create: Any = {"type": "response.create", "input": TOOL_PROMPT, "max_output_tokens": 48, "temperature": 0,
+              "tools": tools, "tool_choice": responses_choice}
+
+    def run() -> tuple[list[Any], Response]:
+        with sdk_connection(vllm_gateway.openai_base_url, ENGINE_LIMITS) as session:
+            lane = session.lane("tools")
+            lane.send(create)
+            events = until_terminal(lane, timeout=ENGINE_TIMEOUT)
+            return events, lane.get_final_response(timeout=10)
+
+    with trio.fail_after(240):
+        events, final = await trio.to_thread.run_sync(run, abandon_on_cancel=True)
+    calls = [item for item in final.output if item.type == "function_call"]
+    streamed: dict[str, str] = {}
+    for event in events:
+        if event.type == "response.function_call_arguments.delta":
+            streamed[event.item_id] = streamed.get(event.item_id, "") + event.delta
+    # The SDK's view: each call's argument deltas add up to its final arguments ...
+    assert {call.id: call.arguments for call in calls} == streamed
+    # ... and the calls are vLLM's own, in order (ids are vLLM's random ones: compared by name and arguments).
+    assert [(call.name, call.arguments) for call in calls] == [
+        (direct["calls"][i]["name"], direct["calls"][i]["arguments"]) for i in sorted(direct["calls"])]
+    assert final.output_text == direct["content"]
