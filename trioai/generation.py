@@ -182,12 +182,15 @@ class Registry:
     def sweep(self, now: float) -> None:
         """Abandon detached generations past the window; forget ended ones past it (the server's sweeper)."""
         window = self.gateway.settings.resume_window
-        for generation in list(self._detached):
-            if generation.detached_at is None or now - generation.detached_at < window:
-                break  # oldest first: the rest are younger
+        # Oldest first: stop at the first one still inside the window (no copy of the whole set).
+        while self._detached:
+            generation = next(iter(self._detached))
+            if generation.detached_at is not None and now - generation.detached_at < window:
+                break
             self._abandon(generation)
-        for generation in list(self._kept):
-            if generation.ended_at is None or now - generation.ended_at < window:
+        while self._kept:
+            generation = next(iter(self._kept))
+            if generation.ended_at is not None and now - generation.ended_at < window:
                 break
             self._forget(generation)
 
