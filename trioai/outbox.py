@@ -89,13 +89,16 @@ class _Entry:
         ``/ws/chat`` frames are built here; a stream with an ``encoder`` (another wire protocol)
         gets the entry as a neutral event and the frames its encoder makes of it.
         """
-        encoder = self.sender.encoder
+        sender = self.sender
+        encoder = sender.encoder
         frames = self.frame() if encoder is None else encoder.encode(self.event())
         self.sealed = True
         self.queued = False
         if self.drained is not None:
             self.drained.set()
             self.drained = None
+        if sender.log is not None and type(frames) is str:
+            sender.sent(self, frames)
         return frames
 
     def frame(self) -> str:
@@ -183,6 +186,25 @@ class _ToolCallSlot(_Entry):
 
     def event(self) -> ServerEvent:
         return ToolCall(self.sender.request_id, self.index, self.call_id, self.name, "".join(self.parts))
+
+
+class _Replayed(_Entry):
+    """A sent event sent again by a replay: its frame as it was (the log keeps it compact)."""
+
+    __slots__ = ("text",)
+
+    def __init__(self, sender: StreamSender, seq: int, size: int, text: str) -> None:
+        super().__init__(sender, seq)
+        self.text = text
+        self.size = size
+        self.sealed = True
+
+    def take(self) -> str:
+        self.queued = False
+        return self.text
+
+    def frame(self) -> str:
+        return self.text
 
 
 class _QueuedSlot(_Entry):
@@ -393,7 +415,7 @@ class StreamSender:
 
     __slots__ = ("request_id", "id_json", "outbox", "stream_buffer_bytes", "log", "log_bytes", "log_bytes_limit",
                  "finished", "_seq", "_last", "_tokens", "_reasoning", "_queued", "_attached", "on_log_change",
-                 "encoder")
+                 "encoder", "_sent")
 
     def __init__(self, outbox: Outbox | None, request_id: RequestId, *, stream_buffer_bytes: int | None = None,
                  log_bytes_limit: int | None = None) -> None:
@@ -403,7 +425,11 @@ class StreamSender:
         if stream_buffer_bytes is None:
             stream_buffer_bytes = outbox.stream_buffer_bytes if outbox is not None else 65536
         self.stream_buffer_bytes = stream_buffer_bytes
-        self.log: collections.deque[_Entry] | None = None if log_bytes_limit is None else collections.deque()
+        # Sent events as (seq, size, frame) tuples, which the garbage collector does not track (a
+        # resumable log may hold many thousands for the window), then the unsent entries.
+        self.log: collections.deque[_Entry | tuple[int, int, str]] | None = (
+            None if log_bytes_limit is None else collections.deque())
+        self._sent = 0  # how many of the log's first items are sent (tuples)
         self.log_bytes = 0
         self.log_bytes_limit = log_bytes_limit
         self.finished = False
@@ -521,17 +547,29 @@ class StreamSender:
         assert self.log_bytes_limit is not None
         # Attached, sent entries are what a replay may no longer need most: the oldest go first.
         # Detached, nothing goes (what was sent last may never have arrived): a full log waits.
-        while (self.log_bytes > self.log_bytes_limit and self.outbox is not None and len(log) > 1
-               and log[0].sealed and not log[0].queued):
-            self.log_bytes -= log.popleft().size
+        while self.log_bytes > self.log_bytes_limit and self.outbox is not None and self._sent and len(log) > 1:
+            oldest = log.popleft()
+            assert type(oldest) is tuple
+            self.log_bytes -= oldest[1]
+            self._sent -= 1
         if self.on_log_change is not None:
             self.on_log_change(self.log_bytes)
+
+    def sent(self, entry: _Entry, frame: str) -> None:
+        """``entry`` went out as ``frame``: keep it in the log as a compact tuple from now on."""
+        log = self.log
+        assert log is not None
+        index = self._sent
+        if index < len(log) and log[index] is entry:
+            log[index] = (entry.seq, entry.size, frame)
+            self._sent += 1
 
     @property
     def first_kept_seq(self) -> int:
         """The oldest ``seq`` a replay can still send (``last_seq + 1`` when the log is empty)."""
         if self.log:
-            return self.log[0].seq
+            first = self.log[0]
+            return first[0] if type(first) is tuple else first.seq  # type: ignore[union-attr]
         return self._seq + 1
 
     def attach(self, outbox: Outbox, after: int = 0) -> None:
@@ -539,11 +577,21 @@ class StreamSender:
         self.detach()
         self.outbox = outbox
         self._last = None  # entries sent elsewhere are not joined again
-        for entry in self.log or ():
-            if entry.seq > after and not outbox.closing:
-                entry.queued = True
-                outbox.queued_bytes += entry.size
-                outbox._push(entry)
+        for item in self.log or ():
+            if outbox.closing:
+                break
+            if type(item) is tuple:
+                seq, size, frame = item
+                if seq <= after:
+                    continue
+                entry: _Entry = _Replayed(self, seq, size, frame)
+            else:
+                entry = item  # type: ignore[assignment]
+                if entry.seq <= after:
+                    continue
+            entry.queued = True
+            outbox.queued_bytes += entry.size
+            outbox._push(entry)
         if self._attached is not None:
             self._attached.set()
             self._attached = None
