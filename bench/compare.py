@@ -5,6 +5,13 @@ as separate processes on 127.0.0.1, drives both with the same WebSocket load gen
 trioai and peer within each round, and prints each figure as the median over ``--rounds`` rounds
 with the trioai/peer ratio. A direct httpx SSE reader of the engine is the ceiling.
 
+``--gateway-code DIR`` (repeatable, as in ``bench.queue``) runs the trioai rows from another copy of
+the ``trioai`` package (``DIR/trioai``, a column per copy labelled with DIR's last part) for an A/B
+on the same machine: the copies alternate within each round, each run on a fresh gateway process,
+and the ratio column compares each copy with the first.
+
+    python -m bench.compare --paced-only --rounds 5 --gateway-code /tmp/old --gateway-code /tmp/new
+
 Needs the bench extra: ``pip install -e '.[bench]'`` (fastapi, uvicorn, openai — bench only).
 """
 
@@ -20,6 +27,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import trio
@@ -28,7 +36,7 @@ from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection, Request
 
 from bench.loadgen import percentile, sse_load, ws_cancel, ws_load
-from bench.run import Process, fake_engine, gateway, row
+from bench.run import Process, fake_engine, row
 from trioai.fake_upstream import FakeUpstream, Script
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -136,13 +144,30 @@ async def peer(upstream: str) -> AsyncIterator[Server]:
 
 
 @asynccontextmanager
-async def trioai_server(upstream: str) -> AsyncIterator[Server]:
-    """``trioai serve`` in front of ``upstream``."""
-    async with gateway(upstream, "--send-timeout", "60", "--max-connections", "20000") as process:
-        yield Server("trioai", process.process, process.address)
+async def trioai_server(upstream: str, code: str | None = None, name: str = "trioai") -> AsyncIterator[Server]:
+    """``trioai serve`` in front of ``upstream``, from this tree or from ``code/trioai``."""
+    # Imported here: bench.queue imports this module's CPU readers, so a top-level import is circular.
+    from bench.queue import CURRENT, gateway_from
+
+    options = ("--send-timeout", "60", "--max-connections", "20000")
+    async with gateway_from(code or CURRENT, upstream, options) as process:
+        yield Server(name, process.process, process.address)
 
 
 SERVERS: dict[str, Callable[[str], Any]] = {"trioai": trioai_server, "peer": peer}
+
+
+def servers(codes: Sequence[str] | None) -> dict[str, Callable[[str], Any]]:
+    """The servers under test by column name: :data:`SERVERS`, or a trioai per code copy and the peer."""
+    if not codes:
+        return SERVERS
+    from bench.queue import label
+
+    names = [f"trioai {label(code)}" for code in codes]
+    if len(set(names)) != len(names):
+        raise SystemExit(f"--gateway-code: the directories' last parts must differ ({', '.join(names)})")
+    return {**{name: partial(trioai_server, code=code, name=name) for name, code in zip(names, codes, strict=True)},
+            "peer": peer}
 
 
 @dataclass
@@ -160,8 +185,8 @@ class Figures:
 
 
 async def throughput(kind: str, engine_url: str, connections: int, max_tokens: int, duration: float,
-                     figures: Figures) -> None:
-    async with SERVERS[kind](engine_url) as server:
+                     figures: Figures, table: dict[str, Callable[[str], Any]] = SERVERS) -> None:
+    async with table[kind](engine_url) as server:
         await ws_load(server.url, 1, 4, 0.0)  # warm up
         result = await ws_load(server.url, connections, max_tokens, duration)
         if not result.all_exact:
@@ -169,8 +194,9 @@ async def throughput(kind: str, engine_url: str, connections: int, max_tokens: i
         figures.add(f"tok/s @{connections}", result.tokens_per_s)
 
 
-async def paced(kind: str, engine: Process, streams: int, max_tokens: int, figures: Figures) -> None:
-    async with SERVERS[kind](engine.address) as server:
+async def paced(kind: str, engine: Process, streams: int, max_tokens: int, figures: Figures,
+                table: dict[str, Callable[[str], Any]] = SERVERS) -> None:
+    async with table[kind](engine.address) as server:
         await ws_load(server.url, 1, 4, 0.0)
         before = CpuUse.now(engine, server)
         result = await ws_load(server.url, streams, max_tokens, 0.0)
@@ -196,12 +222,12 @@ async def direct_paced(engine: Process, streams: int, max_tokens: int, figures: 
     figures.add("ITL p99 ms", percentile(result.gaps(), 99) * 1000)
 
 
-async def cancels(kind: str, samples: int, figures: Figures) -> None:
+async def cancels(kind: str, samples: int, figures: Figures, table: dict[str, Callable[[str], Any]] = SERVERS) -> None:
     """Cancel after 5 tokens; a cancel not acknowledged within 2 s counts as 2 s ("never")."""
     engine = FakeUpstream(lambda body: Script(tokens=("x ",) * 2000, delay=0.005))
     async with trio.open_nursery() as nursery:
         await nursery.start(engine.serve)
-        async with SERVERS[kind](engine.base_url) as server:
+        async with table[kind](engine.base_url) as server:
             for index in range(samples):
                 async with open_websocket_url(server.url) as ws:
                     before = len(engine.requests)
@@ -235,8 +261,9 @@ async def hold_idle(url: str, count: int) -> list[trio.SocketStream]:
     return streams
 
 
-async def idle_memory(kind: str, engine_url: str, counts: Sequence[int], figures: Figures) -> None:
-    async with SERVERS[kind](engine_url) as server:
+async def idle_memory(kind: str, engine_url: str, counts: Sequence[int], figures: Figures,
+                      table: dict[str, Callable[[str], Any]] = SERVERS) -> None:
+    async with table[kind](engine_url) as server:
         await ws_load(server.url, 1, 4, 0.0)
         for count in counts:
             await trio.sleep(0.5)
@@ -264,7 +291,9 @@ def ratio(ours: float, theirs: float) -> str:
 
 
 async def main_async(args: argparse.Namespace) -> None:
-    kinds = ("trioai", "peer")
+    table = servers(args.gateway_code)
+    kinds = tuple(table)  # the trioai column(s), then the peer
+    ours = kinds[:-1]
     figures = {kind: Figures() for kind in (*kinds, "direct")}
     connections = (1, 16, 64)
     async with fake_engine() as unpaced, fake_engine("--delay", "0.02") as slow:
@@ -274,39 +303,46 @@ async def main_async(args: argparse.Namespace) -> None:
                 direct = await sse_load(unpaced.address, count, args.tokens, args.duration)
                 figures["direct"].add(f"tok/s @{count}", direct.tokens_per_s)
                 for kind in order:
-                    await throughput(kind, unpaced.address, count, args.tokens, args.duration, figures[kind])
+                    await throughput(kind, unpaced.address, count, args.tokens, args.duration, figures[kind], table)
             await direct_paced(slow, args.streams, args.paced_tokens, figures["direct"])
             for kind in order:
-                await paced(kind, slow, args.streams, args.paced_tokens, figures[kind])
+                await paced(kind, slow, args.streams, args.paced_tokens, figures[kind], table)
                 if not args.paced_only:
-                    await cancels(kind, args.cancels, figures[kind])
+                    await cancels(kind, args.cancels, figures[kind], table)
             print(f"round {round_number + 1}/{args.rounds} done", file=sys.stderr, flush=True)
         for kind in () if args.paced_only else kinds:
-            await idle_memory(kind, unpaced.address, args.idle, figures[kind])
+            await idle_memory(kind, unpaced.address, args.idle, figures[kind], table)
+
+    # The ratio column(s): trioai / peer, or with several code copies each copy / the first.
+    pairs = [(ours[0], "peer")] if len(ours) == 1 else [(kind, ours[0]) for kind in ours[1:]]
+    heads = ["trioai / peer"] if len(ours) == 1 else [f"{a} / {b}".replace("trioai ", "") for a, b in pairs]
+
+    def ratios(values: dict[str, float]) -> list[str]:
+        return [ratio(values[a], values[b]) for a, b in pairs]
 
     names = [f"tok/s @{c}" for c in connections] + [
         "TTFT p50 ms", "TTFT p99 ms", "ITL p50 ms", "ITL p99 ms", "CPU ms / 1000 token events",
         "token events / delta", "machine CPU busy %", "load generator CPU ms / 1000 token events",
         "engine CPU ms / 1000 token events",
     ]
-    lines = [row("figure (median of rounds)", "direct SSE", "trioai", "peer", "trioai / peer"), row(*["---"] * 5)]
+    header = ["figure (median of rounds)", "direct SSE", *kinds, *heads]
+    lines = [row(*header), row(*["---"] * len(header))]
     for name in (n for n in names if any(n in f.values for f in figures.values())):  # measured this run
-        t, p, d = figures["trioai"].median(name), figures["peer"].median(name), figures["direct"].median(name)
-        lines.append(row(name, fmt(d), fmt(t), fmt(p), ratio(t, p)))
+        values = {kind: figures[kind].median(name) for kind in kinds}
+        lines.append(row(name, fmt(figures["direct"].median(name)), *(fmt(values[k]) for k in kinds),
+                         *ratios(values)))
     for name in ("cancel→ack", "cancel→engine closed"):
-        for pct in (50, 99) if name in figures["trioai"].values else ():
-            t = percentile(figures["trioai"].values.get(name, []), pct) * 1000
-            p = percentile(figures["peer"].values.get(name, []), pct) * 1000
-            shown = "never (2 s cap)" if p >= 2000 else fmt(p)
-            lines.append(row(f"{name} p{pct} ms", "", fmt(t), shown, ratio(t, p)))
+        for pct in (50, 99) if name in figures[ours[0]].values else ():
+            values = {kind: percentile(figures[kind].values.get(name, []), pct) * 1000 for kind in kinds}
+            shown = ["never (2 s cap)" if values[k] >= 2000 else fmt(values[k]) for k in kinds]
+            lines.append(row(f"{name} p{pct} ms", "", *shown, *ratios(values)))
     for count in () if args.paced_only else args.idle:
         name = f"KiB / idle conn @{count}"
-        t, p = figures["trioai"].median(name), figures["peer"].median(name)
-        lines.append(row(name, "", fmt(t), fmt(p), ratio(t, p)))
+        values = {kind: figures[kind].median(name) for kind in kinds}
+        lines.append(row(name, "", *(fmt(values[k]) for k in kinds), *ratios(values)))
         alive = f"answers with {count} idle"
         lines.append(row(f"still answering with {count:,} idle", "",
-                         "yes" if figures["trioai"].median(alive) == 1 else "NO",
-                         "yes" if figures["peer"].median(alive) == 1 else "NO", ""))
+                         *("yes" if figures[k].median(alive) == 1 else "NO" for k in kinds), *[""] * len(heads)))
     print(f"### trioai vs FastAPI + openai (uvicorn): {args.rounds} rounds, {args.tokens}-token generations, "
           f"{args.duration:g} s per throughput run; paced: {args.streams} streams × {args.paced_tokens} tokens "
           "at 20 ms\n")
@@ -327,8 +363,15 @@ def main() -> None:
     parser.add_argument("--paced-only", action="store_true",
                         help="only the paced load (e.g. to compare --streams 16, 32, 64): no throughput, cancel "
                              "or idle runs")
+    parser.add_argument("--gateway-code", action="append", metavar="DIR",
+                        help="run trioai from DIR/trioai instead of this tree (repeatable: an A/B, a column per "
+                             "copy, alternating within each round)")
     args = parser.parse_args()
     print(f"python {sys.version.split()[0]}, trio {trio.__version__}, {os.cpu_count()} CPUs\n")
+    for code in args.gateway_code or ():
+        print(f"gateway code: {os.path.join(os.path.abspath(code), 'trioai')}")
+    if args.gateway_code:
+        print()
     trio.run(main_async, args)
 
 

@@ -110,3 +110,29 @@ async def test_queue_bench_counts_every_request_and_the_gateway_cpu() -> None:
     assert not_done == "0"  # every request ended done, with the exact text
     assert float(wall) > 0 and float(cpu_ms) > 0  # 20 requests cost the gateway more than one 10 ms clock tick
     assert 0 <= float(queued_mean) <= int(queued_max) <= int(deepest) <= 20
+
+
+async def test_surfaces_bench_runs_both_comparisons_and_every_request_ends_normally() -> None:
+    command = [sys.executable, "-W", "ignore", "-m", "bench.surfaces", "--rounds", "1",
+               "--streams", "2", "--tokens", "5", "--long-streams", "2", "--long-tokens", "5",
+               "--connections", "2", "--throughput-tokens", "5", "--duration", "0.2",
+               "--memory-n", "2", "--memory-tokens", "5", "--detach-after", "2", "--profile", "0", "--quiet-below", "0"]
+    with trio.fail_after(180):
+        result = await trio.run_process(command, cwd=ROOT, capture_stdout=True, capture_stderr=True, check=False)
+    out = result.stdout.decode()
+    assert result.returncode == 0, result.stderr.decode()[-3000:]
+    assert "requests not ended normally: 0" in out, out  # every stream ended normally, with the exact text
+    number = r"([0-9][0-9.,]*)"
+    for title, sides in (("Resume on vs off", "resume off | resume on"), ("/v1/responses vs /ws/chat",
+                                                                          "/ws/chat | /v1/responses")):
+        section = out[out.index(f"#### {title}"):]
+        assert f"| figure (median of rounds) | {sides} |" in section
+        for figure in ("paced 2×5: gateway CPU ms / 1000 token events", "paced 2×5: TTFT p50 ms",
+                       "throughput @2: tok/s", "throughput @2: gateway CPU ms / 1000 tokens"):
+            line = rf"^\| {re.escape(figure)} \| {number} \| {number} \| [0-9.]+× \| [0-9., ]+ \|$"
+            found = re.search(line, section, re.MULTILINE)
+            assert found, (figure, section)
+            assert all(float(value.replace(",", "")) > 0 for value in found.groups()), found.group(0)
+    # With resume on, the ended generations' logs are kept (and counted in /metrics); off, nothing is.
+    kept = re.search(rf"^\| ended: log KiB / generation \| 0.00 \| {number} \|", out, re.MULTILINE)
+    assert kept and float(kept.group(1)) > 0, out

@@ -50,3 +50,32 @@ async def test_paced_only_prints_the_paced_figures_and_nothing_else() -> None:
     # load generator's three runs together cannot.
     assert all(value >= 0 for values in cpu.values() for value in values), cpu
     assert sum(cpu["load generator CPU ms / 1000 token events"]) > 0, cpu
+
+
+async def test_gateway_code_runs_a_trioai_column_per_copy(tmp_path: Path) -> None:
+    for name in ("old", "new"):  # two "copies" of the package: links to this tree's
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "trioai").symlink_to(ROOT / "trioai")
+    command = [sys.executable, "-W", "ignore", "-m", "bench.compare", "--paced-only", "--rounds", "2",
+               "--streams", "4", "--paced-tokens", "5",
+               "--gateway-code", str(tmp_path / "old"), "--gateway-code", str(tmp_path / "new")]
+    with trio.fail_after(180):
+        result = await trio.run_process(command, cwd=ROOT, capture_stdout=True, capture_stderr=True, check=False)
+    out = result.stdout.decode()
+    assert result.returncode == 0, result.stderr.decode()[-3000:]
+    assert f"gateway code: {tmp_path / 'old' / 'trioai'}" in out
+    assert "| figure (median of rounds) | direct SSE | trioai old | trioai new | peer | new / old |" in out
+    cpu = re.search(r"^\| CPU ms / 1000 token events \| – \| ([0-9.,]+) \| ([0-9.,]+) \| ([0-9.,]+) \| "
+                    r"([0-9.]+×|–) \|$", out, re.MULTILINE)
+    assert cpu, out
+    assert re.search(r"^\| ITL p50 ms \| [0-9.]+ \| [0-9.]+ \| [0-9.]+ \| [0-9.]+ \| [0-9.]+× \|$", out, re.MULTILINE)
+    assert result.stderr.decode().count("done") == 2  # one line per round
+
+
+async def test_gateway_code_labels_must_differ(tmp_path: Path) -> None:
+    command = [sys.executable, "-m", "bench.compare", "--paced-only", "--rounds", "1",
+               "--gateway-code", str(tmp_path / "a" / "same"), "--gateway-code", str(tmp_path / "b" / "same")]
+    with trio.fail_after(60):
+        result = await trio.run_process(command, cwd=ROOT, capture_stdout=True, capture_stderr=True, check=False)
+    assert result.returncode != 0
+    assert "last parts must differ" in result.stderr.decode()
