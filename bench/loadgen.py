@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -115,11 +115,16 @@ async def ws_generate(ws: WebSocketConnection, request_id: str, max_tokens: int)
             return result
 
 
-async def ws_load(url: str, connections: int, max_tokens: int, duration: float) -> LoadResult:
+async def ws_load(url: str, connections: int, max_tokens: int, duration: float,
+                  generate: Callable[[WebSocketConnection, str, int], Awaitable[StreamResult]] | None = None,
+                  ) -> LoadResult:
     """``connections`` sockets, each running generations back to back for ``duration`` seconds.
 
     Every connection runs at least one generation, so ``duration=0`` means exactly one each.
+    ``generate`` runs one generation (default :func:`ws_generate`, ``/ws/chat``; another wire
+    protocol passes its own).
     """
+    one = generate or ws_generate
     streams: list[StreamResult] = []
     ready = trio.Event()
     opened = 0
@@ -133,7 +138,7 @@ async def ws_load(url: str, connections: int, max_tokens: int, duration: float) 
             await ready.wait()
             count = 0
             while True:
-                streams.append(await ws_generate(ws, f"c{index}-{count}", max_tokens))
+                streams.append(await one(ws, f"c{index}-{count}", max_tokens))
                 count += 1
                 if trio.current_time() >= deadline:
                     return

@@ -193,43 +193,9 @@ async def responses_generate(ws: WebSocketConnection, request_id: str, max_token
             return result
 
 
-async def load_with(generate: Callable[[WebSocketConnection, str, int], Awaitable[StreamResult]], url: str,
-                    connections: int, max_tokens: int, duration: float) -> LoadResult:
-    """:func:`bench.loadgen.ws_load` with another wire protocol's ``generate``: ``connections`` sockets,
-    all open before the first request, each running generations back to back for ``duration`` s
-    (at least one each)."""
-    streams: list[StreamResult] = []
-    ready = trio.Event()
-    opened = 0
-    deadline = math.inf
-
-    async def client(index: int) -> None:
-        nonlocal opened
-        async with open_websocket_url(url) as ws:
-            opened += 1
-            if opened == connections:
-                ready.set()
-            await ready.wait()
-            count = 0
-            while True:
-                streams.append(await generate(ws, f"c{index}-{count}", max_tokens))
-                count += 1
-                if trio.current_time() >= deadline:
-                    return
-
-    start = trio.current_time()
-    async with trio.open_nursery() as nursery:
-        for index in range(connections):
-            nursery.start_soon(client, index)
-        await ready.wait()
-        start = trio.current_time()
-        deadline = start + duration
-    return LoadResult(streams, trio.current_time() - start)
-
-
 async def responses_load(url: str, connections: int, max_tokens: int, duration: float) -> LoadResult:
     """The load of ``bench.loadgen.ws_load`` over ``/v1/responses``."""
-    return await load_with(responses_generate, url, connections, max_tokens, duration)
+    return await ws_load(url, connections, max_tokens, duration, responses_generate)
 
 
 async def chat_load(url: str, connections: int, max_tokens: int, duration: float) -> LoadResult:

@@ -238,7 +238,7 @@ def _tool_calls(value: Any, invalid: Invalid) -> list[dict[str, Any]]:
         if not isinstance(name, str) or not _NAME.fullmatch(name):
             raise invalid(suffix + ".function.name", f"'{suffix[1:]}.function.name' in messages must be {NAME_RULE}")
         arguments = function.get("arguments")
-        if not isinstance(arguments, str) or not _encodable(arguments):
+        if not isinstance(arguments, str) or not is_encodable(arguments):
             raise invalid(
                 suffix + ".function.arguments",
                 f"'{suffix[1:]}.function.arguments' in messages must be a string (the JSON text of the arguments)",
@@ -248,7 +248,7 @@ def _tool_calls(value: Any, invalid: Invalid) -> list[dict[str, Any]]:
 
 
 def _call_id(value: Any, suffix: str, invalid: Invalid) -> str:
-    if not isinstance(value, str) or not 1 <= len(value) <= MAX_CALL_ID_LENGTH or not _encodable(value):
+    if not isinstance(value, str) or not 1 <= len(value) <= MAX_CALL_ID_LENGTH or not is_encodable(value):
         raise invalid(suffix, f"'{suffix[1:]}' in messages must be a string of 1 to {MAX_CALL_ID_LENGTH} characters")
     return value
 
@@ -270,7 +270,7 @@ def _schema(value: Any, param: str, limits: Limits, invalid: Invalid) -> dict[st
         if depth > limits.max_schema_depth:
             raise invalid(param, f"field '{param}' is nested more than {limits.max_schema_depth} deep")
         if isinstance(node, dict):
-            if not all(isinstance(key, str) and _encodable(key) for key in node):
+            if not all(isinstance(key, str) and is_encodable(key) for key in node):
                 raise invalid(param, f"field '{param}' has a key that is not valid UTF-8 text")
             children: Any = node.values()
         else:
@@ -279,7 +279,7 @@ def _schema(value: Any, param: str, limits: Limits, invalid: Invalid) -> dict[st
             if isinstance(child, dict | list):
                 stack.append((child, depth + 1))
             elif isinstance(child, str):
-                if not _encodable(child):
+                if not is_encodable(child):
                     raise invalid(param, f"field '{param}' has a string that is not valid UTF-8 text")
             elif isinstance(child, float):
                 if not math.isfinite(child):
@@ -302,7 +302,7 @@ def _name(value: Any, param: str, invalid: Invalid) -> str:
 
 
 def _string(value: Any, param: str, invalid: Invalid) -> str:
-    if not isinstance(value, str) or not _encodable(value):
+    if not isinstance(value, str) or not is_encodable(value):
         raise invalid(param, f"field '{param}' must be a string of valid UTF-8 text")
     return value
 
@@ -325,8 +325,8 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _encodable(text: str) -> bool:
-    # json.loads accepts lone surrogates ("\ud800"), which cannot be encoded as UTF-8 later.
+def is_encodable(text: str) -> bool:
+    """Whether ``text`` can be encoded as UTF-8: ``json.loads`` accepts lone surrogates (``"\\ud800"``)."""
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:

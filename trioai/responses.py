@@ -85,7 +85,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, TypeAlias
 
-from .chatfields import MAX_CALL_ID_LENGTH, MAX_TOOL_CALLS, NAME_RULE, parse_request_fields
+from .chatfields import MAX_CALL_ID_LENGTH, MAX_TOOL_CALLS, NAME_RULE, is_encodable, parse_request_fields
 from .errors import ErrorCode
 from .protocol import (
     Cancelled,
@@ -602,7 +602,7 @@ def _metadata(value: Any, errors: _Errors) -> dict[str, str]:
     if len(value) > MAX_METADATA_PAIRS:
         raise errors.invalid("metadata", f"field 'metadata' has more than {MAX_METADATA_PAIRS} pairs")
     for key, text in value.items():
-        if not _encodable(key) or len(key) > MAX_METADATA_KEY:
+        if not is_encodable(key) or len(key) > MAX_METADATA_KEY:
             raise errors.invalid("metadata", f"metadata keys must be at most {MAX_METADATA_KEY} characters")
         _string(text, f"metadata.{key}", errors, MAX_METADATA_VALUE)
     return dict(value)
@@ -988,7 +988,7 @@ def _echo_format(value: Mapping[str, Any] | None) -> dict[str, Any]:
 def _string(value: Any, param: str, errors: _Errors, maximum: int | None = None, minimum: int = 0) -> str:
     if not isinstance(value, str):
         raise errors.invalid(param, f"field '{param}' must be a string")
-    if not _encodable(value):
+    if not is_encodable(value):
         raise errors.invalid(param, f"field '{param}' contains an unpaired UTF-16 surrogate")
     if len(value) < minimum or (maximum is not None and len(value) > maximum):
         raise errors.invalid(param, f"field '{param}' must be {minimum} to {maximum} characters")
@@ -1019,7 +1019,7 @@ def _require_plain(value: Any, param: str, errors: _Errors) -> None:
     while stack:
         node = stack.pop()
         if isinstance(node, str):
-            if not _encodable(node):
+            if not is_encodable(node):
                 raise errors.invalid(param, f"field '{param}' contains an unpaired UTF-16 surrogate")
         elif isinstance(node, float):
             if not math.isfinite(node):
@@ -1029,15 +1029,6 @@ def _require_plain(value: Any, param: str, errors: _Errors) -> None:
             stack.extend(node.values())
         elif isinstance(node, list):
             stack.extend(node)
-
-
-def _encodable(text: str) -> bool:
-    # json.loads accepts lone surrogates ("\ud800"), which cannot be encoded as UTF-8 later.
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def _short(value: object, limit: int = 80) -> str:
