@@ -150,11 +150,19 @@ async def trioai_server(upstream: str, code: str | None = None, name: str = "tri
     from bench.queue import CURRENT, gateway_from
 
     options = ("--send-timeout", "60", "--max-connections", "20000")
+    if code is not None:
+        require_package(code)  # again at every start: a copy removed mid-run would run this tree instead
     async with gateway_from(code or CURRENT, upstream, options) as process:
         yield Server(name, process.process, process.address)
 
 
 SERVERS: dict[str, Callable[[str], Any]] = {"trioai": trioai_server, "peer": peer}
+
+
+def require_package(code: str) -> None:
+    """Fail unless ``code/trioai`` is a package: ``PYTHONPATH`` would skip a missing one silently."""
+    if not os.path.isfile(os.path.join(code, "trioai", "__init__.py")):
+        raise SystemExit(f"--gateway-code {code}: no {os.path.join(code, 'trioai', '__init__.py')}")
 
 
 def servers(codes: Sequence[str] | None) -> dict[str, Callable[[str], Any]]:
@@ -163,6 +171,8 @@ def servers(codes: Sequence[str] | None) -> dict[str, Callable[[str], Any]]:
         return SERVERS
     from bench.queue import label
 
+    for code in codes:
+        require_package(code)
     names = [f"trioai {label(code)}" for code in codes]
     if len(set(names)) != len(names):
         raise SystemExit(f"--gateway-code: the directories' last parts must differ ({', '.join(names)})")

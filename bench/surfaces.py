@@ -148,10 +148,35 @@ async def wait_quiet(below: float, window: float, cap: float) -> Quiet:
             return Quiet(busy, waited, ok=False)
 
 
-def own_cpu_seconds() -> float:
-    """CPU time of this process and of its children that have ended (the engines, gateways, py-spy)."""
+def own_cpu_seconds(*running: Process) -> float:
+    """CPU time of this process, of its children that have ended (gateways, py-spy) and of ``running`` ones."""
     me, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return me.ru_utime + me.ru_stime + children.ru_utime + children.ru_stime
+    return (me.ru_utime + me.ru_stime + children.ru_utime + children.ru_stime
+            + sum(process_cpu_seconds(process.process.pid) for process in running))
+
+
+@dataclass(frozen=True)
+class Share:
+    """A reading of the cores and of this run's CPU, to tell how much of the machine others used meanwhile."""
+
+    cores: list[tuple[int, int]]
+    ours: float
+
+    @classmethod
+    def now(cls, *running: Process) -> Share:
+        return cls(core_ticks(), own_cpu_seconds(*running))
+
+    def since(self, before: Share) -> str:
+        """This run's and all other processes' share of the machine's CPU time between the two readings."""
+        ticks = os.sysconf("SC_CLK_TCK")
+        pairs = list(zip(before.cores, self.cores, strict=True))
+        busy = sum(end[0] - start[0] for start, end in pairs) / ticks
+        total = sum(end[1] - start[1] for start, end in pairs) / ticks
+        ours = self.ours - before.ours
+        if not total:
+            return "–"
+        return (f"this run {100 * ours / total:.1f}%, other processes {max(0.0, 100 * (busy - ours) / total):.1f}% "
+                f"of the machine over {total / max(len(pairs), 1):.0f} s")
 
 
 def gateway_cpu_seconds(pid: int) -> float:
@@ -487,7 +512,12 @@ def print_tables(args: argparse.Namespace, figures: dict[str, Figures], rounds: 
     kept = on.median("ended: KiB RSS / generation") - off.median("ended: KiB RSS / generation")
     detached = on.median("detached: KiB RSS / generation") - off.median("detached: KiB RSS / generation")
     print(f"\nKiB RSS per kept (ended) generation, on − off: {kept:.1f}; per detached running generation, "
-          f"on − off: {detached:.1f}\n")
+          f"on − off: {detached:.1f}")
+    for kind in ("ended", "detached"):
+        name = f"{kind}: KiB RSS / generation"
+        print(f"- {kind}, per round (off → on): " + ", ".join(
+            f"{u:.1f} → {v:.1f}" for u, v in zip(off.values.get(name, []), on.values.get(name, []), strict=True)))
+    print()
     print("\n".join(table("#### /v1/responses vs /ws/chat (issue 16): the same loads", (CHAT, RESPONSES), figures,
                           [*cpu_names, *through_names])))
     not_normal = sum(sum(f.values.get("requests not ended normally", [])) for f in figures.values())
@@ -502,7 +532,7 @@ async def main_async(args: argparse.Namespace) -> None:
     quiet: list[str] = []
     paced_loads = ((args.streams, args.tokens), (args.long_streams, args.long_tokens))
     through = f"throughput @{args.connections}"
-    cores_start, own_start = core_ticks(), own_cpu_seconds()
+    run_start = Share.now()
     rounds = 0
     async with (fake_engine() as unpaced, fake_engine("--delay", "0.02") as slow):
         for round_number in range(args.rounds):
@@ -510,6 +540,7 @@ async def main_async(args: argparse.Namespace) -> None:
             quiet.append(f"before round {round_number + 1}: {calm}")
             if not calm.ok:
                 break
+            round_start = Share.now(unpaced, slow)
             for pair in PAIRS:
                 order = pair if round_number % 2 == 0 else pair[::-1]
                 for streams, tokens in paced_loads:
@@ -523,6 +554,7 @@ async def main_async(args: argparse.Namespace) -> None:
                 await memory(SIDES[name], slow, args.memory_n, args.memory_tokens, args.detach_after, "detached",
                              figures[name])
             rounds += 1
+            quiet.append(f"during round {round_number + 1}: {Share.now(unpaced, slow).since(round_start)}")
             print(f"round {round_number + 1}/{args.rounds} done", file=sys.stderr, flush=True)
         print_tables(args, figures, rounds)
         profiles: list[tuple[str, Profile]] = []
@@ -530,24 +562,19 @@ async def main_async(args: argparse.Namespace) -> None:
             calm = await wait_quiet(args.quiet_below, args.quiet_for, args.quiet_cap)
             quiet.append(f"before the profiles: {calm}")
             for name in (RESPONSES, CHAT) if calm.ok else ():
+                profile_start = Share.now(unpaced, slow)
                 profiles.append((name, await profile(SIDES[name], slow, args.streams, args.tokens, args.profile)))
+                quiet.append(f"during the {name} profile: {Share.now(unpaced, slow).since(profile_start)}")
     for name, prof in profiles:
         print("\n".join(prof.lines(f"the gateway under {args.streams} × {args.tokens}-token paced streams back to "
                                    f"back over {name}, {args.profile:g} s", args.top)), end="\n\n")
     if len(profiles) == 2:
         print("\n".join(difference(profiles[0], profiles[1], args.top)), end="\n\n")
 
-    cores_end, own_end = core_ticks(), own_cpu_seconds()  # every child has ended: RUSAGE_CHILDREN has them
-    ticks = os.sysconf("SC_CLK_TCK")
-    busy_s = sum(end[0] - start[0] for start, end in zip(cores_start, cores_end, strict=True)) / ticks
-    total_s = sum(end[1] - start[1] for start, end in zip(cores_start, cores_end, strict=True)) / ticks
-    ours = own_end - own_start
-    others = (busy_s - ours) / total_s * 100 if total_s else 0.0
-    print("### The machine\n")
+    print("### The machine (busy: user + nice + system + irq + softirq; steal is not counted)\n")
     for line in quiet:
         print(f"- {line}")
-    print(f"- this run's processes used {100 * ours / total_s if total_s else 0.0:.1f}% of the machine's CPU time "
-          f"over {total_s / max(len(cores_end), 1):.0f} s; all other processes {max(others, 0.0):.1f}%")
+    print(f"- the whole run, waits included: {Share.now().since(run_start)}")  # every child has ended by now
 
 
 def main() -> None:

@@ -73,9 +73,22 @@ async def test_gateway_code_runs_a_trioai_column_per_copy(tmp_path: Path) -> Non
 
 
 async def test_gateway_code_labels_must_differ(tmp_path: Path) -> None:
+    for name in ("a", "b"):
+        (tmp_path / name / "same").mkdir(parents=True)
+        (tmp_path / name / "same" / "trioai").symlink_to(ROOT / "trioai")
     command = [sys.executable, "-m", "bench.compare", "--paced-only", "--rounds", "1",
                "--gateway-code", str(tmp_path / "a" / "same"), "--gateway-code", str(tmp_path / "b" / "same")]
     with trio.fail_after(60):
         result = await trio.run_process(command, cwd=ROOT, capture_stdout=True, capture_stderr=True, check=False)
     assert result.returncode != 0
     assert "last parts must differ" in result.stderr.decode()
+
+
+async def test_gateway_code_without_a_package_fails(tmp_path: Path) -> None:
+    # PYTHONPATH skips a directory without trioai/, so the gateway would silently run this tree.
+    command = [sys.executable, "-m", "bench.compare", "--paced-only", "--rounds", "1",
+               "--gateway-code", str(tmp_path / "gone")]
+    with trio.fail_after(60):
+        result = await trio.run_process(command, cwd=ROOT, capture_stdout=True, capture_stderr=True, check=False)
+    assert result.returncode != 0
+    assert f"--gateway-code {tmp_path / 'gone'}: no " in result.stderr.decode()
