@@ -63,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
             default=argparse.SUPPRESS,
             metavar=f.name.split("_")[-1].upper(),
             help=help_text,
+            action="append" if f.name == "upstream" else "store",  # one engine per --upstream
         )
     return parser
 
@@ -159,7 +160,7 @@ async def run_server(settings: Settings, notifier: Notifier | None = None) -> No
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_handle_signals, drain, nursery.cancel_scope, notifier)
         nursery.start_soon(notifier.run_watchdog)
-        if settings.upstream is None:
+        if not settings.engine_specs():
             from .engine import serve_with_local_engine
 
             embedded = settings_for_embedded(settings)
@@ -207,6 +208,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "serve":
         cli: dict[str, Any] = {k: v for k, v in vars(args).items() if k not in ("command", "config")}
+        if "upstream" in cli:
+            cli["upstream"] = " ".join(cli["upstream"])
         try:
             settings = load_settings(cli, os.environ, args.config or os.environ.get("TRIOAI_CONFIG"))
         except ConfigError as exc:

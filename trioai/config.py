@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, TypeAlias
 
+from .enginespec import EngineSpec, parse_engine_tables
 from .protocol import Limits
 
 ENV_PREFIX = "TRIOAI_"
@@ -58,6 +59,23 @@ def _check_networks(value: str) -> str | None:
     return None
 
 
+def upstream_urls(value: str | None) -> tuple[str, ...]:
+    """The engine base URLs of the ``upstream`` setting (space-separated)."""
+    return tuple(value.split()) if value else ()
+
+
+def _check_upstreams(value: str) -> str | None:
+    urls = upstream_urls(value)
+    if not urls:
+        return "must not be empty (to unset it, leave it out)"
+    for url in urls:
+        if not url.startswith(("http://", "https://")) or len(url) < 10:
+            return f"must be http:// or https:// base URLs, got {url!r}"
+    if len(set(urls)) != len(urls):
+        return f"names an engine twice: {' '.join(urls)}"
+    return None
+
+
 def _check_not_empty(value: str) -> str | None:
     # An empty value would read as "off" (no keys, no TLS, ...) where the user asked for something.
     return "must not be empty (to unset it, leave it out)" if not value.strip() else None
@@ -94,9 +112,10 @@ class Settings:
     )
     upstream: str | None = _setting(
         None,
-        "base URL of an OpenAI-compatible API, e.g. http://127.0.0.1:8000/v1 for vLLM "
-        "(unset: start the embedded local engine)",
-        check=_check_not_empty,
+        "base URL of an OpenAI-compatible API, e.g. http://127.0.0.1:8000/v1 for vLLM; repeat the option (or "
+        "separate URLs by spaces) for several engines; more per-engine settings: [[engines]] in the config file "
+        "(unset, and no [[engines]]: start the embedded local engine)",
+        check=_check_upstreams,
     )
     api_keys_file: str | None = _setting(
         None, "file of accepted client API keys, one per line, reloaded on SIGHUP (unset: no authentication)",
@@ -119,8 +138,13 @@ class Settings:
         None, "generated tokens per minute per client; beyond: 'rate_limited'", minimum=1
     )
     upstream_api_key: str | None = _setting(None, "bearer token sent to the upstream (never logged)")
-    model: str | None = _setting(None, "model name to request (unset: the first one the upstream lists)")
-    max_concurrency: int = _setting(16, "generations running upstream at once, across all clients", minimum=1)
+    model: str | None = _setting(
+        None, "model of requests that name none (unset: the first one the first engine lists)", check=_check_not_empty
+    )
+    max_concurrency: int = _setting(
+        16, "generations running at once per engine, across all clients (an [[engines]] entry may set its own)",
+        minimum=1,
+    )
     max_queue: int | None = _setting(
         1024, "generations that may wait for capacity; beyond it, 'overloaded' at once (none: no cap)", minimum=0
     )
@@ -140,6 +164,19 @@ class Settings:
     upstream_retries: int = _setting(
         2, "retries of a request the engine refused (unreachable, 503, 429, cut off) before its first token",
         minimum=0
+    )
+    probe_interval: float = _setting(
+        5.0, "seconds between health probes (GET /v1/models) of each engine; an ejected engine gets traffic "
+        "again once a probe passes", minimum=0.05
+    )
+    probe_timeout: float = _setting(2.0, "seconds an engine has to answer a health probe", minimum=0.01)
+    eject_after_failures: int = _setting(
+        3, "consecutive failures (refused connections, 5xx, broken streams) that eject an engine until a probe "
+        "passes; the wait before it is probed back doubles with each ejection, up to 30 s", minimum=1
+    )
+    engine_metrics_interval: float = _setting(
+        2.0, "seconds between reads of each engine's Prometheus /metrics (vLLM's queue and KV cache), for "
+        "routing; an engine without them is not asked again (0: never)", minimum=0.0
     )
     connect_timeout: float = _setting(5.0, "seconds to connect to the upstream", minimum=0.001)
     first_token_timeout: float = _setting(
@@ -196,6 +233,16 @@ class Settings:
     local_threads: int | None = _setting(None, "CPU threads of the embedded engine (unset: all cores)", minimum=1)
     local_ctx: int = _setting(2048, "context length of the embedded engine", minimum=256)
     local_start_timeout: float = _setting(180.0, "seconds the embedded engine has to start", minimum=1.0)
+    workers: int = _setting(
+        1, "server processes sharing the port (SO_REUSEPORT), each its own Trio loop, supervised by the first",
+        minimum=1, maximum=256
+    )
+    redis: str | None = _setting(
+        None, "redis://, rediss:// or unix:// URL of the Redis (or Valkey) that instances share state through "
+        "(unset: each process keeps its own)", check=_check_not_empty
+    )
+    #: ``[[engines]]`` tables of the config file (not an option or variable: see :mod:`trioai.enginespec`).
+    engines: tuple[EngineSpec, ...] = field(default=(), metadata={"help": "", "file_only": True})
     log_level: str = _setting("info", "debug, info, warning or error")
     log_format: str = _setting("text", "text (one line per event) or json (one object per line, for log shippers)")
 
@@ -208,6 +255,17 @@ class Settings:
     def trusted_networks(self) -> tuple[Network, ...]:
         """``trusted_proxies`` as networks (an address is a /32 or /128); empty: trust no proxy."""
         return parse_networks(self.trusted_proxies or "")
+
+    def engine_specs(self) -> tuple[EngineSpec, ...]:
+        """Every configured engine: ``--upstream`` URLs then ``[[engines]]`` (empty: the embedded one).
+
+        Raises :class:`ConfigError` when two share a name or a URL."""
+        from .enginespec import combine
+
+        try:
+            return combine(upstream_urls(self.upstream), self.engines, self.max_concurrency)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
 
     def limits(self) -> Limits:
         """The protocol's validation bounds."""
@@ -222,8 +280,8 @@ class Settings:
 
 
 def setting_fields() -> list[dataclasses.Field[Any]]:
-    """The fields of :class:`Settings`, in declaration order."""
-    return list(dataclasses.fields(Settings))
+    """The fields of :class:`Settings` an option or variable can set, in declaration order."""
+    return [f for f in dataclasses.fields(Settings) if not f.metadata.get("file_only")]
 
 
 def field_type(f: dataclasses.Field[Any]) -> type:
@@ -295,6 +353,14 @@ def load_settings(
                 data = tomllib.load(fh)
         except (OSError, tomllib.TOMLDecodeError) as exc:
             raise ConfigError(f"cannot read config file {config_file}: {exc}") from None
+        tables = data.pop("engines", None)
+        if tables is not None:
+            try:
+                values["engines"] = parse_engine_tables(tables, f"{config_file}: engines")
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from None
+        if isinstance(data.get("upstream"), list):  # upstream = ["http://a/v1", "http://b/v1"]
+            data["upstream"] = " ".join(str(url) for url in data["upstream"])
         for key, value in data.items():
             name = key.replace("-", "_")
             if name not in fields:
@@ -314,4 +380,6 @@ def load_settings(
         raise ConfigError(f"log_format must be text or json, got {values['log_format']!r}")
     if values.get("keyfile") and not values.get("certfile"):
         raise ConfigError("keyfile needs certfile")
-    return Settings(**values)
+    settings = Settings(**values)
+    settings.engine_specs()  # duplicate names or URLs across --upstream and [[engines]]: an error now
+    return settings
