@@ -10,9 +10,11 @@ import trio
 from trio_websocket import ConnectionClosed, ConnectionRejected, open_websocket_url
 
 from trioai.config import Settings
+from trioai.enginepool import DISCOVERY_RETRY as MODEL_LOOKUP_RETRY
+from trioai.enginepool import EnginePool
 from trioai.errors import ErrorCode, UpstreamError
 from trioai.fake_upstream import FakeUpstream, Script
-from trioai.gateway import MODEL_LOOKUP_RETRY, Gateway
+from trioai.gateway import Gateway
 from trioai.server import RunningServer
 from trioai.transport import H11Transport
 
@@ -480,6 +482,8 @@ async def test_the_sweeper_closes_engine_connections_left_idle(
 class HangingModelList:
     """An upstream whose model list takes ``seconds`` and then fails, counting the calls."""
 
+    base_url = "http://127.0.0.1:9/v1"
+
     def __init__(self, seconds: float) -> None:
         self.seconds = seconds
         self.calls = 0
@@ -493,7 +497,8 @@ class HangingModelList:
 async def test_one_model_lookup_is_shared_by_every_waiting_request(autojump_clock: trio.abc.Clock) -> None:
     """The k-th of several requests waited k lookup timeouts behind a lock; now they share one lookup."""
     upstream = HangingModelList(10.0)
-    gateway = Gateway(Settings(upstream="http://127.0.0.1:9/v1"), upstream)  # type: ignore[arg-type]
+    settings = Settings(upstream="http://127.0.0.1:9/v1")
+    gateway = Gateway(settings, EnginePool.single_engine(settings, upstream))  # type: ignore[arg-type]
     failed_at: list[float] = []
 
     async def request() -> None:

@@ -534,7 +534,7 @@ async def test_a_lane_runs_one_response_at_a_time(start_gateway: StartGateway, u
     server = await start_gateway()
     url = server.openai_base_url.replace("http://", "ws://") + "/responses"
     async with open_websocket_url(url) as ws:
-        first = {"type": "response.create", "model": "m", "input": "long", "stream_id": "lane"}
+        first = {"type": "response.create", "model": "fake-model", "input": "long", "stream_id": "lane"}
         await ws.send_message(json.dumps(first))
         await ws.send_message(json.dumps({**first, "input": "short"}))
         refusal = None

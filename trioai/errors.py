@@ -33,6 +33,7 @@ class ErrorCode(enum.StrEnum):
     TOO_MANY_STREAMS = "too_many_streams"
     RESUME_NOT_FOUND = "resume_not_found"
     RESUMED_ELSEWHERE = "resumed_elsewhere"
+    MODEL_NOT_FOUND = "model_not_found"
     # Capacity: retry later (after ``retry_after`` seconds when given).
     OVERLOADED = "overloaded"
     RATE_LIMITED = "rate_limited"

@@ -136,6 +136,36 @@ def echo_script(body: dict[str, Any]) -> Script:
     return Script(tokens=tokens, finish_reason="length")
 
 
+def numbered_script(body: dict[str, Any]) -> Script:
+    """``w0 w1 w2 …``, ``max_tokens`` of them (default 16), continuing the numbering after the words
+    of a partial answer when the request asks ``continue_final_message``, as a greedy engine would."""
+    start = len(continued_text(body).split())
+    count = body.get("max_tokens") or 16
+    return Script(tokens=tuple(f"w{i} " for i in range(start, start + count)), finish_reason="length")
+
+
+def continued_text(body: dict[str, Any]) -> str:
+    """The partial answer a ``continue_final_message`` request asks to continue ("" for none)."""
+    messages = body.get("messages")
+    if not body.get("continue_final_message") or not isinstance(messages, list) or not messages:
+        return ""
+    last = messages[-1]
+    return str(last.get("content", "")) if isinstance(last, dict) else ""
+
+
+def continuation_problem(body: dict[str, Any]) -> str | None:
+    """What vLLM would answer 400 for in a continuation request (None: nothing)."""
+    if not body.get("continue_final_message"):
+        return None
+    messages = body.get("messages")
+    last = messages[-1] if isinstance(messages, list) and messages else None
+    if not isinstance(last, dict) or last.get("role") != "assistant":
+        return "continue_final_message needs the last message to be the assistant's"
+    if body.get("add_generation_prompt", True):
+        return "Cannot set both `continue_final_message` and `add_generation_prompt` to True."
+    return None
+
+
 class _ClientGone(Exception):
     """The client closed the connection while we were answering."""
 
@@ -143,9 +173,19 @@ class _ClientGone(Exception):
 class FakeUpstream:
     """Scriptable OpenAI-compatible engine on 127.0.0.1."""
 
-    def __init__(self, script: Callable[[dict[str, Any]], Script] | None = None, *, model: str = "fake-model") -> None:
+    def __init__(self, script: Callable[[dict[str, Any]], Script] | None = None, *, model: str = "fake-model",
+                 models: tuple[str, ...] | None = None, accepts_continue: bool = True) -> None:
         self.script: Callable[[dict[str, Any]], Script] = script or echo_script
         self.model = model
+        self.models = models  # what GET /v1/models lists (None: ``model`` alone)
+        self.accepts_continue = accepts_continue  # False: 400 for continue_final_message, as some engines
+        # GET /metrics in vLLM's form when set (running: the requests streaming now; waiting: as set).
+        self.publish_metrics = False
+        self.waiting = 0
+        self.kv_cache = 0.0
+        self.peak_active = 0  # most chat requests streaming at once
+        self.model_listings = 0  # GET /v1/models answered (health probes)
+        self.refuse_models = False  # answer GET /v1/models with 503 (a failing health probe)
         self.port = 0
         self.requests: list[RecordedRequest] = []
         self.tcp_connections = 0  # TCP connections accepted so far
@@ -244,8 +284,19 @@ class FakeUpstream:
         path = request.target.decode().partition("?")[0]
         method = request.method.decode()
         if method == "GET" and path == "/v1/models":
-            models = {"object": "list", "data": [{"id": self.model, "object": "model", "owned_by": "fake"}]}
+            self.model_listings += 1
+            if self.refuse_models:
+                await self._send_json(stream, conn, 503, _error_body(503, "engine is unhealthy", None))
+                return
+            models = {"object": "list", "data": [{"id": m, "object": "model", "owned_by": "fake"} for m in self.models or (self.model,)]}
             await self._send_json(stream, conn, 200, models)
+        elif method == "GET" and path == "/metrics" and self.publish_metrics:
+            text = "".join(f'vllm:{name}{{model_name="{self.model}"}} {value}\n' for name, value in (
+                ("num_requests_running", self.active), ("num_requests_waiting", self.waiting),
+                ("kv_cache_usage_perc", self.kv_cache)))
+            await self._send(stream, conn, h11.Response(status_code=200, headers=[
+                ("content-type", "text/plain; version=0.0.4"), ("content-length", str(len(text)))]),
+                h11.Data(data=text.encode()), h11.EndOfMessage())
         elif method == "GET" and path == "/health":
             await self._send(stream, conn, h11.Response(status_code=200, headers=[("content-length", "0")]),
                              h11.EndOfMessage())
@@ -262,11 +313,18 @@ class FakeUpstream:
         except ValueError as exc:
             await self._send_json(stream, conn, 400, _error_body(400, f"invalid JSON body: {exc}", None))
             return
+        problem = continuation_problem(body)
+        if problem is None and body.get("continue_final_message") and not self.accepts_continue:
+            problem = "unknown field: continue_final_message"
+        if problem is not None:
+            await self._send_json(stream, conn, 400, _error_body(400, problem, "continue_final_message"))
+            return
         headers = {k.decode().lower(): v.decode() for k, v in request.headers}
         record = RecordedRequest(body, headers, trio.current_time())
         self.requests.append(record)
         script = self.script(body)
         self.active += 1
+        self.peak_active = max(self.peak_active, self.active)
         self._idle = trio.Event()
         try:
             async with trio.open_nursery() as nursery:
@@ -490,7 +548,8 @@ def main() -> None:
 
     def script(body: dict[str, Any]) -> Script:
         count = body.get("max_tokens") or args.tokens
-        tokens = tuple(f"w{i} " for i in range(count)) if args.numbered else (args.token_text,) * count
+        start = len(continued_text(body).split())
+        tokens = tuple(f"w{i} " for i in range(start, start + count)) if args.numbered else (args.token_text,) * count
         return Script(tokens=tokens, delay=args.delay, batch=args.batch, finish_reason="length")
 
     async def run() -> None:

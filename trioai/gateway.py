@@ -1,10 +1,11 @@
 """What all connections share, and the life of one generation from admission to its last token.
 
-:class:`Gateway` holds the settings, the upstream client, the global admission limiter and the model
-name (asked of the engine once when not configured). :meth:`Gateway.generate` runs one request:
-``start``, ``queued`` while waiting for capacity, each delta as ``token``, and returns the terminal
-event (``done`` or ``error``) for the caller to send. Cancellation is the caller's: it runs this
-inside the request's cancel scope, and leaving the ``stream_chat`` block closes the upstream stream.
+:class:`Gateway` holds the settings, the engines (:class:`~trioai.enginepool.EnginePool`: models,
+admission per model, routing, health), rate limits and metrics. :meth:`Gateway.generate` runs one
+request: ``start``, ``queued`` while waiting for capacity, each delta as ``token`` (``failover``
+when another engine continues a cut answer), and returns the terminal event (``done`` or ``error``)
+for the caller to send. Cancellation is the caller's: it runs this inside the request's cancel
+scope, and leaving the ``stream_chat`` block closes the upstream stream.
 """
 
 from __future__ import annotations
@@ -17,13 +18,13 @@ import trio
 
 from .admission import Admission
 from .config import Settings
+from .enginepool import Engine, EngineMetrics, EnginePool, is_engine_fault
 from .errors import ErrorCode, UpstreamError
 from .generation import Registry
 from .metrics import Metrics
 from .outbox import StreamSender
-from .protocol import AssembledToolCall, ChatRequest, Done, Error, RequestId, Started, Usage
+from .protocol import AssembledToolCall, ChatRequest, Done, Error, Failover, RequestId, Started, Usage
 from .ratelimit import RateLimiter
-from .singleflight import SharedCall
 from .upstream import Upstream
 
 log = logging.getLogger("trioai.gateway")
@@ -34,8 +35,6 @@ RETRYABLE_CODES: Final = frozenset(
 )
 RETRY_BASE_DELAY: Final = 0.25
 RETRY_MAX_DELAY: Final = 5.0
-#: How long a failed model lookup is shared with every request before the engine is asked again.
-MODEL_LOOKUP_RETRY: Final = 2.0
 
 
 class EngineWatch(Protocol):
@@ -57,6 +56,8 @@ class RequestStats:
     deltas: int = 0
     retries: int = 0
     completion_tokens: int | None = None  # as the engine counted them, when it did
+    prefer_engine: str | None = None  # the engine that served this connection last (prefix-cache locality)
+    engine: str | None = None  # the engine it ran on (the last one, after a failover)
 
     @property
     def ttft_ms(self) -> float | None:
@@ -67,34 +68,32 @@ class RequestStats:
 
 
 class Gateway:
-    """Shared services of one server: settings, upstream, admission, model name."""
+    """Shared services of one server: settings, the engines, admission, rate limits, metrics."""
 
-    def __init__(self, settings: Settings, upstream: Upstream, *, engine: EngineWatch | None = None) -> None:
+    def __init__(self, settings: Settings, pool: EnginePool, *, engine: EngineWatch | None = None) -> None:
         self.settings = settings
-        self.upstream = upstream
+        self.pool = pool
         self.engine = engine
         self.limits = settings.limits()
-        self.admission = Admission(settings.max_concurrency)
         self.metrics = Metrics()
+        self.engine_metrics = EngineMetrics(pool, self.metrics.registry)
         self.rate_limiter = RateLimiter(settings.rate_limit_requests, settings.rate_limit_tokens)
         self.registry = Registry(self)  # runs every generation; serve() starts its task
-        self._model = settings.model
-        # One lookup in flight, shared by every request that needs it; a failure is shared briefly.
-        self._model_lookup = SharedCall(self._first_listed_model, error_ttl=MODEL_LOOKUP_RETRY)
+
+    @property
+    def upstream(self) -> Upstream:
+        """The first engine's client (with one engine: the engine's)."""
+        return self.pool.engines[0].upstream
+
+    @property
+    def admission(self) -> Admission:
+        """The queue of the default model (with one engine: the one queue)."""
+        models = self.pool.models
+        return self.pool.admission(self.pool.default_model or (models[0] if models else ""))
 
     async def model(self) -> str:
-        """The model to request: configured, or the first the engine lists (asked once)."""
-        if self._model is not None:
-            return self._model
-        return await self._model_lookup.get()
-
-    async def _first_listed_model(self) -> str:
-        models = await self.upstream.list_models()
-        if not models:
-            raise UpstreamError(ErrorCode.UPSTREAM_ERROR, "engine lists no models")
-        self._model = models[0]
-        log.info("using model %s (first listed by the engine)", self._model)
-        return self._model
+        """The default model: configured, or the first the first engine lists (asked once)."""
+        return await self.pool.resolve(None)
 
     async def generate(
         self, request: ChatRequest, request_id: RequestId, sender: StreamSender, stats: RequestStats,
@@ -104,74 +103,129 @@ class Gateway:
 
         ``resume_token`` goes out in ``start`` (a resumable generation)."""
         try:
-            model = await self.model()
+            model = await self.pool.resolve(request.model)
+            admission = self.pool.admission(model)
             max_queue = self.settings.max_queue
-            if max_queue is not None and self.admission.full and self.admission.queued >= max_queue:
+            if max_queue is not None and admission.full and admission.queued >= max_queue:
                 return Error(request_id, ErrorCode.OVERLOADED,
-                             f"{self.admission.queued} requests are already waiting for capacity; retry later",
+                             f"{admission.queued} requests are already waiting for capacity; retry later",
                              retry_after=OVERLOADED_RETRY_AFTER)
             # A slow reader's earlier answers still unsent: the new one waits (outbox.py, Bounds).
             await sender.wait_for_room()
             sender.event(Started(request_id, model, resume_token))
-            async with self.admission.slot(sender.queued):
+            async with admission.slot(sender.queued):
                 stats.admitted_at = trio.current_time()
-                return await self._relay_with_retries(request, request_id, model, sender, stats)
+                return await self._run(request, request_id, model, sender, stats)
         except UpstreamError as exc:
             if self.engine is not None:
                 exc = await self.engine.explain(exc)
             return Error(request_id, exc.code.value, exc.message, exc.param, exc.retry_after)
 
-    async def _relay_with_retries(
+    async def _run(
         self, request: ChatRequest, request_id: RequestId, model: str, sender: StreamSender, stats: RequestStats
     ) -> Done:
-        """Retry failures that happened before the first token and may pass (refused, 503, 429, cut).
+        """Relay the request from an engine; on failure, try again where that is safe.
 
-        Never after a token was relayed (the client would see text twice), never for timeouts (the
-        client already waited the timeout), and never for longer than :data:`RETRY_MAX_DELAY` at once.
+        Before the first token, a failure that may pass (refused, 503, 429, cut) is retried, on
+        another healthy engine of the model at once when there is one, else on the same after a
+        backoff; never for timeouts (the client already waited the timeout) and never for longer
+        than :data:`RETRY_MAX_DELAY` at once. After the first token, a broken, failed or stalled
+        stream is *continued* on another engine (see :func:`continuation`) when both engines allow
+        it and only text was relayed; otherwise the client gets the error.
         """
-        attempt = 0
+        progress = Progress(payload(request, model))
+        retries = 0
+        tried: list[str] = []
+        prefer = stats.prefer_engine
+        cause: UpstreamError | None = None  # what broke the answer that a continuation carries on
         while True:
-            try:
-                return await self._relay(request, request_id, model, sender, stats)
-            except UpstreamError as exc:
-                # Safe whatever the engine says: the client has seen no text of this request yet.
-                if stats.deltas or attempt >= self.settings.upstream_retries or exc.code not in RETRYABLE_CODES:
-                    raise
-                delay = exc.retry_after if exc.retry_after is not None else RETRY_BASE_DELAY * 2**attempt
-                if delay > RETRY_MAX_DELAY:
-                    raise
-                attempt += 1
-                stats.retries = attempt
-                log.info("request id=%s: %s (%s); retry %d in %.2f s", request_id, exc.code, exc.message, attempt,
-                         delay)
-                await trio.sleep(delay)
+            async with self.pool.engine_for(model, prefer, tried) as engine:
+                stats.engine = engine.name
+                try:
+                    done = await self._relay(engine, request_id, sender, stats, progress)
+                except UpstreamError as exc:
+                    self.pool.record(engine, exc)
+                    self.engine_metrics.requests.labels(engine.name, "failed").inc()
+                    failure = exc
+                else:
+                    self.pool.record(engine, None)
+                    self.engine_metrics.requests.labels(engine.name, "ok").inc()
+                    return done
+            tried.append(engine.name)
+            prefer = None
+            if not stats.deltas:
+                retries = await self._before_first_token(failure, request_id, model, tried, retries, stats)
+                continue
+            if not self._continue(failure, engine, request, request_id, model, tried, sender, progress, stats):
+                # An engine that refused the continuation (400: it lacks these fields) is not the news.
+                raise cause if cause is not None and not is_engine_fault(failure) else failure
+            cause = cause or failure
+
+    async def _before_first_token(self, exc: UpstreamError, request_id: RequestId, model: str, tried: list[str],
+                                  retries: int, stats: RequestStats) -> int:
+        """Wait before the next try of a request that has relayed nothing (or raise ``exc``)."""
+        if retries >= self.settings.upstream_retries or exc.code not in RETRYABLE_CODES:
+            raise exc
+        retries += 1
+        stats.retries = retries
+        other = self.pool.alternative(model, tried)
+        if other is not None:  # another engine: no reason to wait
+            self.engine_metrics.failovers.labels("retry").inc()
+            log.info("request id=%s: %s on engine %s (%s); retry %d on engine %s", request_id, exc.code, tried[-1],
+                     exc.message, retries, other.name)
+            return retries
+        delay = exc.retry_after if exc.retry_after is not None else RETRY_BASE_DELAY * 2 ** (retries - 1)
+        if delay > RETRY_MAX_DELAY:
+            raise exc
+        tried.clear()  # the same engine(s) again
+        log.info("request id=%s: %s (%s); retry %d in %.2f s", request_id, exc.code, exc.message, retries, delay)
+        await trio.sleep(delay)
+        return retries
+
+    def _continue(self, exc: UpstreamError, engine: Engine, request: ChatRequest, request_id: RequestId, model: str,
+                  tried: list[str], sender: StreamSender, progress: Progress, stats: RequestStats) -> bool:
+        """Set up the continuation of a cut answer on another engine; False when it may not be."""
+        if (not is_engine_fault(exc) or not progress.continuable or not engine.spec.can_continue
+                or progress.continuations >= self.settings.upstream_retries):
+            return False
+        target = self.pool.alternative(model, tried)
+        if target is None or not target.spec.can_continue:
+            return False
+        follow_up = continuation(progress.original, "".join(progress.text), len(progress.text), request)
+        if follow_up is None:
+            return False
+        progress.next_part(follow_up)
+        self.engine_metrics.failovers.labels("continuation").inc()
+        log.warning("request id=%s: engine %s failed after %d tokens (%s); continuing on engine %s", request_id,
+                    engine.name, stats.deltas, exc.message, target.name)
+        sender.event(Failover(request_id, engine.name, target.name, sender.last_seq))
+        return True
 
     async def _relay(
-        self, request: ChatRequest, request_id: RequestId, model: str, sender: StreamSender, stats: RequestStats
+        self, engine: Engine, request_id: RequestId, sender: StreamSender, stats: RequestStats, progress: Progress
     ) -> Done:
-        payload: dict[str, object] = {"model": model, "messages": [dict(m) for m in request.messages]}
-        if request.max_tokens is not None:
-            payload["max_tokens"] = request.max_tokens
-        payload.update(request.sampling.to_payload())
-        payload.update(request.chat_fields)
         finish_reason: str | None = None
         prompt_tokens: int | None = None
         completion_tokens: int | None = None
-        calls: dict[int, list[Any]] = {}  # index -> [call_id, name, argument fragments]
-        async with self.upstream.stream_chat(payload) as chunks:
+        calls = progress.calls
+        text = progress.text
+        async with engine.upstream.stream_chat(progress.payload) as chunks:
             async for chunk in chunks:
                 over = False
                 if chunk.reasoning:  # a reasoning model's thinking comes before its answer
                     over = sender.put_reasoning(chunk.reasoning)
                     _count_delta(stats)
+                    progress.continuable = False
                 if chunk.content:
                     _count_delta(stats)
+                    text.append(chunk.content)
                     over = sender.put_token(chunk.content, chunk.logprobs) or over
                 if chunk.tool_calls:
                     for call in chunk.tool_calls:
                         over = sender.put_tool_call(call.index, call.call_id, call.name, call.arguments) or over
                         _assemble(calls, call.index, call.call_id, call.name, call.arguments)
                     _count_delta(stats)
+                    progress.continuable = False
                 if over:  # the client reads slower than the engine writes
                     with chunks.paused():
                         await sender.drained()
@@ -179,13 +233,84 @@ class Gateway:
                     finish_reason = chunk.finish_reason
                 if chunk.has_usage:
                     prompt_tokens, completion_tokens = chunk.prompt_tokens, chunk.completion_tokens
-        stats.completion_tokens = completion_tokens
-        if completion_tokens is None:
-            usage = Usage(None, stats.deltas, source="gateway")
-        else:
-            usage = Usage(prompt_tokens, completion_tokens)
+        usage = progress.usage(prompt_tokens, completion_tokens, stats.deltas)
+        stats.completion_tokens = None if usage.source == "gateway" else usage.completion_tokens
         return Done(request_id, finish_reason, usage, stats.ttft_ms, _decode_rate(usage.completion_tokens, stats),
                     tuple(AssembledToolCall(c[0], c[1], "".join(c[2])) for _, c in sorted(calls.items())))
+
+
+def payload(request: ChatRequest, model: str) -> dict[str, Any]:
+    """The engine request body of a chat request (without the streaming options)."""
+    body: dict[str, Any] = {"model": model, "messages": [dict(m) for m in request.messages]}
+    if request.max_tokens is not None:
+        body["max_tokens"] = request.max_tokens
+    body.update(request.sampling.to_payload())
+    body.update(request.chat_fields)
+    return body
+
+
+#: Request fields a continuation cannot honour: the engine would start the constrained output over.
+NOT_CONTINUABLE: Final = frozenset({"response_format", "guided_json", "guided_regex", "guided_choice",
+                                    "guided_grammar", "structured_outputs", "continue_final_message",
+                                    "add_generation_prompt", "echo"})
+
+
+def continuation(body: dict[str, Any], text: str, produced: int, request: ChatRequest) -> dict[str, Any] | None:
+    """The engine request that continues ``body``'s answer after ``text`` (``produced`` deltas of it).
+
+    vLLM's ``continue_final_message`` with ``add_generation_prompt: false``: the partial answer is
+    the last message, an assistant one, and the model writes on from its end; ``max_tokens`` is
+    what is left. None when that cannot be exact: no text yet, no tokens left, or a request whose
+    output is constrained from its start (structured output).
+    """
+    if not text or NOT_CONTINUABLE.intersection(request.chat_fields):
+        return None
+    follow_up = dict(body)
+    follow_up["messages"] = [*body["messages"], {"role": "assistant", "content": text}]
+    follow_up["continue_final_message"] = True
+    follow_up["add_generation_prompt"] = False
+    if "max_tokens" in body:
+        left = int(body["max_tokens"]) - produced
+        if left < 1:
+            return None
+        follow_up["max_tokens"] = left
+    return follow_up
+
+
+class Progress:
+    """What a request has relayed so far, across the engines it ran on (for continuations)."""
+
+    __slots__ = ("original", "payload", "text", "calls", "continuable", "continuations", "_deltas_before",
+                 "_completion_tokens")
+
+    def __init__(self, body: dict[str, Any]) -> None:
+        self.original = body  # what the client asked: every continuation is built from it
+        self.payload = body  # what the current part sends
+        self.text: list[str] = []  # content relayed so far, every part
+        self.calls: dict[int, list[Any]] = {}  # index -> [call_id, name, argument fragments]
+        self.continuable = True  # False once reasoning or a tool call was relayed
+        self.continuations = 0
+        self._deltas_before = 0  # content deltas of the parts before the current one
+        self._completion_tokens = 0  # their tokens, as the gateway counted them (their engines died first)
+
+    def next_part(self, body: dict[str, Any]) -> None:
+        """The current part broke off: the next one sends ``body``; count what the broken one relayed."""
+        produced = len(self.text)
+        self._completion_tokens += produced - self._deltas_before
+        self._deltas_before = produced
+        self.continuations += 1
+        self.payload = body
+
+    def usage(self, prompt_tokens: int | None, completion_tokens: int | None, deltas: int) -> Usage:
+        """The usage of every part added: a broken part's completion as the gateway counted it, the
+        last part's as its engine reported (``source`` ``"mixed"``), prompt tokens the last part's."""
+        if not self.continuations:
+            if completion_tokens is None:
+                return Usage(None, deltas, source="gateway")
+            return Usage(prompt_tokens, completion_tokens)
+        if completion_tokens is None:
+            return Usage(None, len(self.text), source="gateway")
+        return Usage(prompt_tokens, self._completion_tokens + completion_tokens, source="mixed")
 
 
 def _count_delta(stats: RequestStats) -> None:

@@ -25,6 +25,7 @@ JSONScalar: TypeAlias = str | int | float | bool | None
 
 ROLES: Final = frozenset({"system", "developer", "user", "assistant", "tool"})
 MAX_ID_LENGTH: Final = 128
+MAX_MODEL_LENGTH: Final = 256
 MAX_RESUME_TOKEN_LENGTH: Final = 128
 MAX_STOP_SEQUENCES: Final = 8
 MAX_STOP_LENGTH: Final = 256
@@ -79,6 +80,7 @@ class ChatRequest:
     #: Validated chat-completions fields passed to the engine as they are (tools, response_format, ...).
     chat_fields: Mapping[str, Any] = field(default_factory=dict)
     resumable: bool | None = None  # None: the server's default
+    model: str | None = None  # None: the server's default model
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,7 +110,14 @@ class PingRequest:
     id: RequestId | None
 
 
-ClientEvent: TypeAlias = ChatRequest | CancelRequest | PingRequest | ResumeRequest
+@dataclass(frozen=True, slots=True)
+class ModelsRequest:
+    """``models``: list the models this server serves and whether each has a healthy engine."""
+
+    id: RequestId | None
+
+
+ClientEvent: TypeAlias = ChatRequest | CancelRequest | PingRequest | ResumeRequest | ModelsRequest
 
 
 # --- server events ---------------------------------------------------------------------------
@@ -169,6 +178,34 @@ class AssembledToolCall:
 
 
 @dataclass(frozen=True, slots=True)
+class Failover:
+    """``failover``: the engine ``from_engine`` failed mid-answer and ``to_engine`` continues it after
+    the event numbered ``at_seq`` (informational: the text simply goes on)."""
+
+    id: RequestId
+    from_engine: str
+    to_engine: str
+    at_seq: int
+
+
+@dataclass(frozen=True, slots=True)
+class ModelInfo:
+    """One entry of ``models``: a model, the engines that serve it, and whether one is healthy."""
+
+    id: str
+    engines: tuple[str, ...]
+    healthy: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Models:
+    """``models``: the answer to a ``models`` request."""
+
+    id: RequestId | None
+    data: tuple[ModelInfo, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class Usage:
     """Token counts of one generation.
 
@@ -218,7 +255,8 @@ class Pong:
     id: RequestId | None
 
 
-ServerEvent: TypeAlias = Started | Queued | Token | Reasoning | ToolCall | Done | Cancelled | Error | Pong
+ServerEvent: TypeAlias = (Started | Queued | Token | Reasoning | ToolCall | Done | Cancelled | Error | Pong | Failover
+                          | Models)
 TERMINAL_EVENTS: Final = (Done, Cancelled, Error)
 
 
@@ -270,9 +308,11 @@ def parse_client_event(data: str | bytes, limits: Limits) -> ClientEvent:
         return _parse_resume(obj, request_id)
     if kind == "ping":
         return PingRequest(request_id)
+    if kind == "models":
+        return ModelsRequest(request_id)
     raise ProtocolError(
         ErrorCode.UNKNOWN_TYPE,
-        f"unknown event type {_short(kind)!r}; expected 'message', 'cancel', 'resume' or 'ping'",
+        f"unknown event type {_short(kind)!r}; expected 'message', 'cancel', 'resume', 'ping' or 'models'",
         param="type",
         request_id=request_id,
     )
@@ -347,8 +387,13 @@ def _parse_message(obj: dict[str, Any], request_id: RequestId | None, limits: Li
     resumable = obj.get("resumable")
     if resumable is not None and not isinstance(resumable, bool):
         raise invalid("resumable", "field 'resumable' must be true or false")
+    model = obj.get("model")
+    if model is not None:
+        if not isinstance(model, str) or not 1 <= len(model) <= MAX_MODEL_LENGTH:
+            raise invalid("model", f"field 'model' must be a string of 1 to {MAX_MODEL_LENGTH} characters")
+        _require_encodable(model, "model", request_id)
     return ChatRequest(request_id, messages, max_tokens, sampling, parse_request_fields(obj, limits, invalid),
-                       resumable)
+                       resumable, model)
 
 
 def _max_tokens(obj: dict[str, Any], name: str, limits: Limits, invalid: Any) -> int | None:
@@ -572,6 +617,12 @@ def _as_dict(event: ServerEvent) -> dict[str, Any]:
             return out
         case Pong(id=i):
             return {"type": "pong", "id": i}
+        case Failover(id=i):
+            return {"type": "failover", "id": i, "from": event.from_engine, "to": event.to_engine,
+                    "at_seq": event.at_seq}
+        case Models(id=i, data=data):
+            return {"type": "models", "id": i, "data": [
+                {"id": m.id, "engines": list(m.engines), "healthy": m.healthy} for m in data]}
         case Token(id=i, content=content):
             return {"type": "token", "id": i, "content": content}
     raise TypeError(f"not a server event: {event!r}")

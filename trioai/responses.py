@@ -88,6 +88,7 @@ from typing import Any, Final, TypeAlias
 from .chatfields import MAX_CALL_ID_LENGTH, MAX_TOOL_CALLS, NAME_RULE, is_encodable, parse_request_fields
 from .errors import ErrorCode
 from .protocol import (
+    MAX_MODEL_LENGTH,
     Cancelled,
     ChatRequest,
     Done,
@@ -126,7 +127,6 @@ _NAME: Final = re.compile(r"[A-Za-z0-9_-]{1,64}")
 MAX_METADATA_PAIRS: Final = 16
 MAX_METADATA_KEY: Final = 64
 MAX_METADATA_VALUE: Final = 512
-MAX_MODEL_LENGTH: Final = 256
 MAX_RESPONSE_ID_LENGTH: Final = 256
 MAX_HINT_LENGTH: Final = 512  # user, safety_identifier, prompt_cache_key
 DEFAULT_HISTORY_RESPONSES: Final = 16
@@ -525,7 +525,7 @@ def _parse_create(obj: dict[str, Any], limits: Limits, history: ResponseHistory,
     echo["temperature"] = sampling.temperature
     echo["top_p"] = sampling.top_p
     chat_fields = _chat_fields(obj, logprobs, limits, errors, echo)
-    request = ChatRequest(new_id(), tuple(messages), max_tokens, sampling, chat_fields, resumable=False)
+    request = ChatRequest(new_id(), tuple(messages), max_tokens, sampling, chat_fields, resumable=False, model=model)
     return CreateResponse(request, stream_id, model, metadata, generate, tuple(items), previous_id, instructions,
                           echo)
 

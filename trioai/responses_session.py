@@ -80,9 +80,9 @@ class ResponsesSession(Session):
                                     "or cancel it", "stream_id"))
             return
         try:
-            model = create.model or await self.gateway.model()
+            model = await self.gateway.pool.resolve(create.model)  # model_not_found for one no engine serves
         except UpstreamError as exc:
-            await self.refuse(Error(create.id, exc.code.value, exc.message))
+            await self.refuse(Error(create.id, exc.code.value, exc.message, exc.param))
             return
         encoder = ResponseEncoder(create, model, int(time.time()), on_finished=self._finished)
         if not create.generate:  # only store the input, for a later previous_response_id

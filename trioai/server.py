@@ -43,6 +43,8 @@ import functools
 import itertools
 import logging
 import ssl
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from importlib import resources
 from typing import Final
@@ -53,6 +55,8 @@ from trio_websocket import ConnectionClosed, WebSocketRequest
 from .auth import KeyFileError, KeySet, Rejection, check_handshake
 from .clientaddr import client_address
 from .config import Settings
+from .enginepool import Engine, EnginePool
+from .enginespec import EngineSpec, default_name
 from .gateway import EngineWatch, Gateway
 from .http import Response, Route, serve_http
 from .metrics import CONTENT_TYPE
@@ -130,11 +134,11 @@ class Server:
         # Woken whenever a session ends or an accepted handshake settles: the drain re-checks then.
         self._changed = trio.lowlevel.ParkingLot()
         # /readyz asks the engine once at a time, whatever the number of probes, and keeps the answer.
-        self._ready_check = SharedCall(self._upstream_ok_now, ttl=READY_CHECK_TTL, error_ttl=READY_CHECK_TTL)
+        self._ready_check = SharedCall(self._engines_ready_now, ttl=READY_CHECK_TTL, error_ttl=READY_CHECK_TTL)
         gateway.metrics.watch(
             connections_open=lambda: len(self.sessions),
-            streams_running=lambda: gateway.admission.running,
-            streams_queued=lambda: gateway.admission.queued,
+            streams_running=lambda: gateway.pool.running,
+            streams_queued=lambda: gateway.pool.queued,
             draining=lambda: float(self.draining),
         )
         gateway.metrics.detached.set_function(lambda: gateway.registry.detached)
@@ -173,31 +177,31 @@ class Server:
     async def _readyz(self) -> Response:
         if self.draining:
             return Response(503, b"draining\n")
-        if not await self._ready_check.get():  # one engine check in flight, shared by every probe
-            return Response(503, b"upstream not answering\n")
-        return Response(200, b"ready\n")
+        ready, detail = await self._ready_check.get()  # one check of the engines in flight, shared by every probe
+        return Response(200 if ready else 503, detail.encode())
 
     async def _metrics(self) -> Response:
         return Response(200, self.gateway.metrics.render(), CONTENT_TYPE)
 
-    async def _upstream_ok_now(self) -> bool:
+    async def _engines_ready_now(self) -> tuple[bool, str]:
         with trio.move_on_after(READY_CHECK_TIMEOUT):
-            return await self.gateway.upstream.health()
-        return False
+            return await self.gateway.pool.check_ready()
+        return False, "upstream not answering\n"
 
     async def sweep(self) -> None:
         """Run every connection's timers from this one task (see :meth:`Session.tick`), and close
         engine connections that sat idle too long."""
         interval = sweep_interval(self.gateway.settings)
-        transport = self.gateway.upstream.transport
+        transports = [e.upstream.transport for e in self.gateway.pool.engines]
         while True:
             await trio.sleep(interval)
             now = trio.current_time()
             for session in list(self.sessions):
                 session.tick(now)
             self.gateway.registry.sweep(now)
-            if isinstance(transport, H11Transport):
-                transport.close_expired()
+            for transport in transports:
+                if isinstance(transport, H11Transport):
+                    transport.close_expired()
 
     async def drain(self, grace: float) -> None:
         """Let active generations finish for up to ``grace`` seconds, then end the rest; close all."""
@@ -357,18 +361,33 @@ def server_tls_context(certfile: str, keyfile: str | None) -> ssl.SSLContext:
     return context
 
 
-def make_upstream(settings: Settings, base_url: str) -> Upstream:
-    """The shared upstream client configured from ``settings``."""
+def make_upstream(settings: Settings, spec: EngineSpec) -> Upstream:
+    """The shared client of one engine, configured from ``settings`` and its entry."""
+    concurrency = spec.max_concurrency or settings.max_concurrency
     return Upstream(
-        base_url,
-        api_key=settings.upstream_api_key,
+        spec.url,
+        api_key=spec.api_key or settings.upstream_api_key,
         connect_timeout=settings.connect_timeout,
         first_token_timeout=settings.first_token_timeout,
         token_timeout=settings.token_timeout,
         # One per admitted request, so none waits for a connection (model and health checks have a
         # pool of their own); the slack covers connections still being closed after a cancel.
-        max_connections=settings.max_concurrency + 4,
+        max_connections=concurrency + 4,
     )
+
+
+@asynccontextmanager
+async def open_engines(settings: Settings, specs: Sequence[EngineSpec]) -> AsyncIterator[EnginePool]:
+    """The engine pool of ``specs``, every engine's connections closed on exit."""
+    engines: list[Engine] = []
+    try:
+        for spec in specs:
+            engines.append(Engine(spec, make_upstream(settings, spec)))
+        yield EnginePool(engines, settings)
+    finally:
+        for engine in engines:
+            with trio.CancelScope(shield=True):
+                await engine.upstream.aclose()
 
 
 async def serve(
@@ -380,7 +399,8 @@ async def serve(
     drain: trio.Event | None = None,
     task_status: trio.TaskStatus[RunningServer] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve ``/ws/chat`` relaying to ``upstream_url`` (default: ``settings.upstream``).
+    """Serve ``/ws/chat`` and ``/v1/responses`` relaying to ``upstream_url`` (default: the
+    engines of ``settings``: ``--upstream`` and ``[[engines]]``).
 
     ``engine`` is the embedded engine's supervisor, when there is one (it explains broken streams).
     ``listeners`` are already-listening sockets (systemd socket activation); without them, binds
@@ -389,11 +409,16 @@ async def serve(
     Supports ``await nursery.start(serve, settings)``, which returns a :class:`RunningServer` once
     the listeners accept connections.
     """
-    base_url = upstream_url or settings.upstream
-    if base_url is None:
+    if upstream_url is not None:
+        specs = settings.engine_specs() if settings.engines else ()
+        specs = (EngineSpec(upstream_url.rstrip("/"), default_name(upstream_url),
+                            max_concurrency=settings.max_concurrency), *specs)
+    else:
+        specs = settings.engine_specs()
+    if not specs:
         raise ValueError("serve() needs an upstream URL; the embedded engine is started by run_server()")
-    async with make_upstream(settings, base_url) as upstream:
-        gateway = Gateway(settings, upstream, engine=engine)
+    async with open_engines(settings, specs) as pool:
+        gateway = Gateway(settings, pool, engine=engine)
         if not listeners:
             listeners = await trio.open_tcp_listeners(settings.port, host=settings.host)
         sockname = listeners[0].socket.getsockname()
@@ -404,6 +429,7 @@ async def serve(
         server = Server(gateway)
         async with trio.open_nursery() as services:
             await services.start(gateway.registry.run)
+            await services.start(pool.run)
             services.start_soon(server.sweep)
             http_port = None
             if settings.http_port is not None:
@@ -418,7 +444,8 @@ async def serve(
                     running = RunningServer(
                         str(sockname[0]), int(sockname[1]), gateway, server, http_port, tls=bool(settings.certfile)
                     )
-                    log.info("listening on %s (upstream %s)", running.url, base_url)
+                    log.info("listening on %s (%s)", running.url, ", ".join(
+                        f"engine {e.name} at {e.upstream.base_url}" for e in pool.engines))
                     task_status.started(running)
                     if drain is None:
                         await trio.sleep_forever()

@@ -45,6 +45,8 @@ from .protocol import (
     CancelRequest,
     ChatRequest,
     Error,
+    Models,
+    ModelsRequest,
     PingRequest,
     Pong,
     RequestId,
@@ -67,8 +69,8 @@ ENDED_IDS_REMEMBERED: Final = 64
 class Session:
     """The protocol state of one connection: its active streams and its outbox."""
 
-    __slots__ = ("ws", "gateway", "conn_id", "client", "key_id", "outbox", "active", "requests", "draining",
-                 "_stopping", "_next_id", "_nursery", "_last_activity", "_last_ping", "_ping_in_flight",
+    __slots__ = ("ws", "gateway", "conn_id", "client", "key_id", "outbox", "active", "requests", "last_engine",
+                 "draining", "_stopping", "_next_id", "_nursery", "_last_activity", "_last_ping", "_ping_in_flight",
                  "_sending_since", "_stalled", "opened_at", "_ended")
 
     def __init__(self, ws: WebSocketConnection, gateway: Gateway, conn_id: int, client: str = "-",
@@ -80,9 +82,11 @@ class Session:
         self.key_id = key_id  # the API key's id, when keys are configured
         self.outbox = Outbox(gateway.settings.stream_buffer_bytes, start_writer=self._start_writer,
                              connection_buffer_bytes=gateway.settings.connection_buffer_bytes)
+        self.outbox.use_connection(ws)  # deltas written by their generation task when the socket is free
         # The generations attached to this connection and not ended (they run in the registry).
         self.active: dict[RequestId, Generation] = {}
         self.requests = 0
+        self.last_engine: str | None = None  # the engine of its latest generation (routing prefers it)
         self.draining = False
         self._stopping = False
         self._next_id = 0
@@ -178,6 +182,8 @@ class Session:
                 await self._resume(event)
             elif isinstance(event, PingRequest):
                 await self.outbox.send_control(Pong(event.id))
+            elif isinstance(event, ModelsRequest):
+                await self.outbox.send_control(Models(event.id, await self.gateway.pool.listing()))
         except ProtocolError as exc:
             await self.outbox.send_control(error_from(exc))
 
@@ -226,7 +232,7 @@ class Session:
             return None
         request_id = request.id if request.id is not None else self._assign_id()
         self.requests += 1
-        stats = RequestStats(received_at=trio.current_time())
+        stats = RequestStats(received_at=trio.current_time(), prefer_engine=self.last_engine)
         generation = self.active[request_id] = self.gateway.registry.start(self, request, request_id, stats,
                                                                            encoder)
         return generation
@@ -240,6 +246,8 @@ class Session:
 
     def generation_ended(self, generation: Generation) -> None:
         """Its terminal event is queued (the registry calls this): it is no longer active here."""
+        if generation.stats.engine is not None:
+            self.last_engine = generation.stats.engine  # the next request prefers it (its prefix cache)
         request_id = generation.request_id
         if self.active.get(request_id) is generation:
             del self.active[request_id]
