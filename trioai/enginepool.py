@@ -297,14 +297,16 @@ class EnginePool:
                             param="model")
 
     async def _default_from_first_engine(self) -> str:
-        engine = self.engines[0]
-        models = await engine.discover()
-        self._index()
-        if not models:
+        """The first model of the first engine (in configuration order) that lists one."""
+        await self._discover([e for e in self.engines if not e.discovered])
+        for engine in self.engines:
+            if engine.models:
+                self.default_model = engine.models[0]
+                log.info("using model %s (first listed by engine %s)", self.default_model, engine.name)
+                return self.default_model
+        if self.single:
             raise UpstreamError(ErrorCode.UPSTREAM_ERROR, "engine lists no models")
-        self.default_model = models[0]
-        log.info("using model %s (first listed by engine %s)", models[0], engine.name)
-        return models[0]
+        raise UpstreamError(ErrorCode.UPSTREAM_UNAVAILABLE, "no engine has listed its models yet", retryable=True)
 
     async def _discover(self, engines: Sequence[Engine]) -> None:
         """Ask each engine for its models at once; one that cannot answer is left for its probe."""
