@@ -24,6 +24,7 @@ from openai.types.responses import Response
 from trio_websocket import open_websocket_url
 
 from trioai.config import Settings
+from trioai.enginespec import EngineSpec
 from trioai.server import RunningServer, serve
 
 from .helpers import (
@@ -44,6 +45,8 @@ from .test_responses import ENGINE_LIMITS, ENGINE_TIMEOUT, sdk_connection, text_
 pytestmark = pytest.mark.vllm
 
 PROMPT = "Write a long story about a lighthouse keeper and the sea."
+CONTINUED_TOKENS = 64  # the answer cut and continued on another engine entry
+CUT_AT = 12  # tokens relayed before the cut
 LONG = 1500  # max_tokens that take vLLM on CPU well over a minute: only an abort ends them early
 
 
@@ -515,3 +518,89 @@ async def test_openai_sdk_function_calls_match_vllms_own_chat_stream(
     assert [(call.name, call.arguments) for call in calls] == [
         (direct["calls"][i]["name"], direct["calls"][i]["arguments"]) for i in sorted(direct["calls"])]
     assert final.output_text == direct["content"]
+
+
+# --- several engines (issue 17) -----------------------------------------------------------------
+
+
+async def test_an_answer_cut_on_one_engine_entry_continues_on_the_other_to_the_greedy_text(
+    vllm_url: str, nursery: trio.Nursery
+) -> None:
+    """Two entries for the same vLLM: one through a TCP proxy the test cuts mid-answer, one direct.
+
+    With temperature 0 the continued answer must be the uninterrupted greedy answer: the partial
+    text goes back as the assistant's message with ``continue_final_message`` and vLLM writes on.
+    """
+    host, port = httpx.URL(vllm_url).host, httpx.URL(vllm_url).port
+    assert port is not None
+    proxy = CutProxy(host, port)
+    await nursery.start(proxy.serve)
+    specs = (EngineSpec(f"http://127.0.0.1:{proxy.port}/v1", "proxied", weight=2.0),  # chosen first
+             EngineSpec(vllm_url, "direct"))
+    settings = Settings(host="127.0.0.1", port=0, engines=specs, max_concurrency=4, probe_interval=600.0,
+                        engine_metrics_interval=0)
+    server: RunningServer = await nursery.start(serve, settings)
+    request = chat(PROMPT, max_tokens=CONTINUED_TOKENS, temperature=0)
+
+    async with open_websocket_url(server.url) as ws:
+        await send(ws, {**request, "id": "whole"})
+        whole = await read_generation(ws, "whole")
+    check_one_generation(whole)
+    reference = text_of(whole)
+    assert [e for e in whole if e["type"] == "failover"] == []
+
+    async with open_websocket_url(server.url) as ws:
+        await send(ws, {**request, "id": "cut"})
+        events: list[dict[str, Any]] = []
+        with trio.fail_after(ENGINE_TIMEOUT):
+            while True:
+                event = json.loads(await ws.get_message())
+                events.append(event)
+                if event["type"] == "token" and len([e for e in events if e["type"] == "token"]) == CUT_AT:
+                    proxy.cut()  # the engine connection of the "proxied" entry breaks mid-answer
+                if event["type"] in ("done", "error"):
+                    break
+    check_one_generation(events)
+    (failover,) = [e for e in events if e["type"] == "failover"]
+    assert (failover["from"], failover["to"]) == ("proxied", "direct")
+    before = text_of([e for e in events if e["seq"] < failover["seq"]])
+    continued = text_of(events)
+    assert reference.startswith(before) and len(before) > 0
+    # The cut falls between two of vLLM's detokenized deltas, so the prefix re-tokenizes to the
+    # same tokens and greedy decoding goes on as it would have: the same text.
+    assert continued == reference, f"cut after {before!r}:\n{continued!r}\n!=\n{reference!r}"
+    done = events[-1]
+    assert done["usage"]["completion_tokens"] == whole[-1]["usage"]["completion_tokens"], done
+
+
+async def test_llama_cpp_and_vllm_as_two_models_behind_one_gateway(vllm_url: str, nursery: trio.Nursery) -> None:
+    """The embedded llama.cpp engine and vLLM as two models: each request goes to its model's engine."""
+    from trioai.engine import LocalEngine, bundled_model_path, free_port
+
+    llama_model = "gemma3-270m-llama.cpp"  # vLLM serves the same weights as gemma3-270m: two names, two models
+    llama = LocalEngine(bundled_model_path(), alias=llama_model, port=free_port(), threads=1, ctx=1024)
+    llama_url = await nursery.start(llama.supervise)
+    specs = (EngineSpec(llama_url, "llama"), EngineSpec(vllm_url, "vllm"))
+    settings = Settings(host="127.0.0.1", port=0, engines=specs, max_concurrency=2, engine_metrics_interval=0)
+    server: RunningServer = await nursery.start(serve, settings)
+    async with open_websocket_url(server.url) as ws:
+        await send(ws, {"type": "models", "id": "m"})
+        listing = json.loads(await ws.get_message())
+    served = {m["id"]: m["engines"] for m in listing["data"]}
+    assert served[llama_model] == ["llama"]
+    (vllm_model,) = [model for model, engines in served.items() if engines == ["vllm"]]
+
+    finished_before = sum((await finished_requests(vllm_url)).values())
+    for model, engine in ((vllm_model, "vllm"), (llama_model, "llama"), (vllm_model, "vllm")):
+        async with open_websocket_url(server.url) as ws:
+            await send(ws, chat("The sea is", max_tokens=6, id=1, model=model))
+            events = await read_generation(ws, 1)
+        assert events[0]["model"] == model and events[-1]["type"] == "done", events[-1]
+        assert text_of(events)
+        # llama.cpp sends no usage: the gateway counts; vLLM reports its own.
+        assert events[-1]["usage"]["source"] == ("engine" if engine == "vllm" else "gateway")
+    await wait_engine_idle(vllm_url)
+    assert sum((await finished_requests(vllm_url)).values()) - finished_before == 2  # vLLM ran its two only
+    requests = server.gateway.metrics.render().decode()
+    assert 'trioai_engine_requests_total{engine="llama",outcome="ok"} 1.0' in requests
+    assert 'trioai_engine_requests_total{engine="vllm",outcome="ok"} 2.0' in requests
