@@ -327,7 +327,8 @@ class EnginePool:
         """Every served model with its engines and whether one of them is healthy (``models``)."""
         undiscovered = [e for e in self.engines if not e.discovered]
         if undiscovered:
-            with contextlib.suppress(UpstreamError):  # the one engine is down: it lists nothing now
+            # The receive loop waits for this answer: an engine that does not answer soon is left out.
+            with trio.move_on_after(self.settings.probe_timeout), contextlib.suppress(UpstreamError):
                 await self._discover(undiscovered)
         return tuple(ModelInfo(model, tuple(e.name for e in engines), any(e.healthy for e in engines))
                      for model, engines in self._serving.items())
