@@ -203,6 +203,21 @@ async def test_an_answer_cut_mid_stream_continues_on_another_engine(nursery: tri
     assert fakes["dies"].requests[0].body.get("continue_final_message") is None
 
 
+async def test_the_client_library_reads_a_continued_answer_as_one(nursery: trio.Nursery) -> None:
+    from trioai.client import connect as client_connect
+
+    def dies(body: dict[str, Any]) -> Script:
+        return Script(tokens=numbered_script(body).tokens, drop_after=4, finish_reason="length")
+
+    fakes = {"dies": await engine(nursery, dies), "rescue": await engine(nursery)}
+    server = await gateway_for(nursery, fakes)
+    async with client_connect(server.url) as conn, conn.generate(
+            [{"role": "user", "content": "count"}], max_tokens=10, model="fake-model") as stream:
+        assert await stream.text() == numbered(0, 10)
+    assert stream.failovers == [("dies", "rescue")] and stream.model == "fake-model"
+    assert stream.usage is not None and stream.usage["completion_tokens"] == 10
+
+
 async def test_a_stalled_engine_is_continued_after_the_token_timeout(nursery: trio.Nursery) -> None:
     def stalls(body: dict[str, Any]) -> Script:
         return Script(tokens=numbered_script(body).tokens, stall_after=3, finish_reason="length")

@@ -195,6 +195,7 @@ class Stream:
         self.cancelled = False
         self.resume_token: str | None = None  # from ``start``, when the generation is resumable
         self.resumes = 0  # reconnections this stream went through (``resume`` sent for it)
+        self.failovers: list[tuple[str, str]] = []  # (from, to) engines, when another engine continued the answer
         self._last_seq = 0  # the highest ``seq`` received
         self._sent = False  # its ``message`` went out
         self._cancel_wanted = False
@@ -224,6 +225,8 @@ class Stream:
                 self.resume_token = token
         elif kind == "queued":
             self.queue_position = event.get("position")
+        elif kind == "failover":
+            self.failovers.append((str(event.get("from")), str(event.get("to"))))
         elif kind in TERMINAL:
             self._end = event
             if kind == "done":
