@@ -49,7 +49,6 @@ are printed, and so is the share of the machine other processes used during the 
 from __future__ import annotations
 
 import argparse
-import glob
 import json
 import math
 import os
@@ -70,7 +69,16 @@ import httpx
 import trio
 from trio_websocket import WebSocketConnection, open_websocket_url
 
-from bench.compare import Figures, Server, busy_percent, fmt, free_port, machine_cpu, process_cpu_seconds
+from bench.compare import (
+    Figures,
+    Server,
+    busy_percent,
+    fmt,
+    free_port,
+    machine_cpu,
+    process_cpu_seconds,
+    schedstat_seconds,
+)
 from bench.loadgen import PROMPT, LoadResult, StreamResult, expected_text, percentile, ws_load
 from bench.queue import CURRENT, gateway_from
 from bench.run import Process, fake_engine, row
@@ -181,14 +189,7 @@ class Share:
 
 def gateway_cpu_seconds(pid: int) -> float:
     """Time process ``pid`` has been on a CPU, all its threads (``schedstat``, ns); ``/proc/PID/stat`` if absent."""
-    total = 0
-    try:
-        for path in glob.glob(f"/proc/{pid}/task/*/schedstat"):
-            with open(path) as stat:
-                total += int(stat.read().split()[0])
-    except (OSError, ValueError):
-        return process_cpu_seconds(pid)
-    return total / 1e9 if total else process_cpu_seconds(pid)
+    return schedstat_seconds(pid)
 
 
 # --- the Responses client ------------------------------------------------------------------------
@@ -202,7 +203,7 @@ async def responses_generate(ws: WebSocketConnection, request_id: str, max_token
     ``request_id`` is unused (the server names the response); it is there to match ``ws_generate``.
     """
     result = StreamResult(sent_at=trio.current_time())
-    await ws.send_message(json.dumps({"type": "response.create", "model": "m", "input": PROMPT[0]["content"],
+    await ws.send_message(json.dumps({"type": "response.create", "model": "fake-model", "input": PROMPT[0]["content"],
                                       "max_output_tokens": max_tokens}))
     while True:
         event: dict[str, Any] = json.loads(await ws.get_message())

@@ -11,7 +11,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
 from typing import Any
 
@@ -20,7 +20,7 @@ import trio
 from . import __version__
 from .auth import KeyFileError
 from .config import EMBEDDED_DEFAULT_MAX_TOKENS, ConfigError, Settings, field_type, load_settings, setting_fields
-from .server import Server, serve, server_tls_context
+from .server import RunningServer, Server, serve, server_tls_context
 from .systemd import Notifier, inherited_sockets, listeners_from
 
 log = logging.getLogger("trioai")
@@ -69,28 +69,43 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 class JSONFormatter(logging.Formatter):
-    """One JSON object per line: time, level, logger, message (and the traceback, if any)."""
+    """One JSON object per line: time, level, logger, message (and the traceback, if any).
+
+    A worker of ``--workers`` also writes its number and pid.
+    """
+
+    def __init__(self, worker: int | None = None) -> None:
+        super().__init__()
+        self.worker = worker
 
     def format(self, record: logging.LogRecord) -> str:
-        entry = {
+        entry: dict[str, Any] = {
             "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S") + f".{int(record.msecs):03d}Z",
             "level": record.levelname.lower(),
             "logger": record.name,
             "message": record.getMessage(),
         }
+        if self.worker is not None:
+            entry["worker"] = self.worker
+            entry["pid"] = record.process
         if record.exc_info:
             entry["traceback"] = self.formatException(record.exc_info)
         return json.dumps(entry, ensure_ascii=False)
 
 
-def setup_logging(level: str, log_format: str = "text") -> None:
-    """Log to stderr, as text lines or JSON objects; under journald, without our own timestamps."""
+def setup_logging(level: str, log_format: str = "text", worker: int | None = None) -> None:
+    """Log to stderr, as text lines or JSON objects; under journald, without our own timestamps.
+
+    ``worker``: the number of a ``--workers`` process, written with its pid on every line.
+    """
     handler = logging.StreamHandler(sys.stderr)
     if log_format == "json":
-        formatter: logging.Formatter = JSONFormatter()
+        formatter: logging.Formatter = JSONFormatter(worker)
         formatter.converter = time.gmtime
     else:
         fmt = "%(levelname)s %(name)s: %(message)s"
+        if worker is not None:
+            fmt = f"%(levelname)s %(name)s [worker {worker} pid %(process)d]: %(message)s"
         if "JOURNAL_STREAM" not in os.environ:
             fmt = "%(asctime)s " + fmt
         formatter = logging.Formatter(fmt)
@@ -147,33 +162,57 @@ def check_tls_files(settings: Settings) -> None:
         raise ConfigError(f"cannot load the TLS certificate {settings.certfile} with {key}: {exc}") from None
 
 
-async def run_server(settings: Settings, notifier: Notifier | None = None) -> None:
+#: A task run beside the server that may drain it (set the event) or stop it (cancel the scope).
+Control = Callable[[trio.Event, trio.CancelScope], Awaitable[None]]
+
+
+async def run_server(
+    settings: Settings,
+    notifier: Notifier | None = None,
+    *,
+    listeners: list[trio.SocketListener] | None = None,
+    control: Control | None = None,
+    on_ready: Callable[[RunningServer], None] | None = None,
+) -> None:
     """Serve until SIGTERM or SIGINT, drain, then stop every task and child process.
 
     The first signal starts a graceful drain (see :func:`~trioai.server.serve`); a second one
     stops at once. Under systemd, readiness, stopping and watchdog pings are reported with
     ``sd_notify``, and sockets passed by socket activation are served instead of binding.
+
+    A worker of ``--workers`` (``workers.py``) passes its ``listeners``, a ``control`` task (its
+    supervisor's commands) and ``on_ready``, called once the server listens.
     """
     notifier = notifier or Notifier()
-    listeners = listeners_from(inherited_sockets())
+    if listeners is None:
+        listeners = listeners_from(inherited_sockets())
     drain = trio.Event()
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_handle_signals, drain, nursery.cancel_scope, notifier)
         nursery.start_soon(notifier.run_watchdog)
+        if control is not None:
+            nursery.start_soon(control, drain, nursery.cancel_scope)
         if not settings.engine_specs():
             from .engine import serve_with_local_engine
 
-            embedded = settings_for_embedded(settings)
-            if embedded is not settings:
-                log.info("embedded engine: answers without max_tokens stop at %d tokens (--default-max-tokens)",
-                         embedded.default_max_tokens)
-                settings = embedded
+            settings = embedded_settings_logged(settings)
             target: Any = partial(serve_with_local_engine, settings, listeners=listeners, drain=drain)
         else:
             target = partial(serve, settings, listeners=listeners, drain=drain)
         running = await nursery.start(_run_then_stop, target, nursery.cancel_scope)
         nursery.start_soon(_reload_on_sighup, running.server)
         notifier.notify("READY=1", f"STATUS=serving {running.url}")
+        if on_ready is not None:
+            on_ready(running)
+
+
+def embedded_settings_logged(settings: Settings) -> Settings:
+    """:func:`settings_for_embedded`, logging the default answer length it sets."""
+    embedded = settings_for_embedded(settings)
+    if embedded is not settings:
+        log.info("embedded engine: answers without max_tokens stop at %d tokens (--default-max-tokens)",
+                 embedded.default_max_tokens)
+    return embedded
 
 
 async def _run_then_stop(
@@ -190,10 +229,17 @@ async def _reload_on_sighup(server: Server) -> None:
 
 
 async def _handle_signals(drain: trio.Event, scope: trio.CancelScope, notifier: Notifier) -> None:
+    """The first SIGTERM/SIGINT drains, the second stops at once.
+
+    Signals are counted, not the drain: a worker told to drain by its supervisor still drains on the
+    SIGTERM that systemd may send every process of the service at the same time.
+    """
+    first = True
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async for signum in signals:
             name = signal.Signals(signum).name
-            if not drain.is_set():
+            if first:
+                first = False
                 log.info("received %s: draining (again to stop at once)", name)
                 notifier.notify("STOPPING=1", "STATUS=draining")
                 drain.set()
@@ -226,19 +272,31 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run(settings: Settings) -> int:
-    from .engine import EngineFailed, EngineMissing
-
     try:
         check_tls_files(settings)
     except ConfigError as exc:
         log.error("cannot start: %s", exc)
         return 1
     warn_if_unauthenticated(settings)
+    if settings.workers > 1:
+        from .workers import supervise
+
+        return run_reporting_failures(supervise, settings)
+    return run_reporting_failures(run_server, settings)
+
+
+def run_reporting_failures(async_fn: Callable[..., Awaitable[object]], *args: Any) -> int:
+    """``trio.run(async_fn, *args)``: 0, or 1 with a ``cannot start`` line for a failure to start."""
+    from .engine import EngineFailed, EngineMissing
+    from .workers import WorkerFailed
+
     failure: BaseException | None = None
     try:
-        trio.run(run_server, settings)
-    except* (EngineMissing, EngineFailed, OSError, KeyFileError) as group:
+        trio.run(async_fn, *args)
+    except* (EngineMissing, EngineFailed, WorkerFailed, ConfigError, OSError, KeyFileError) as group:
         failure = group.exceptions[0]
+        while isinstance(failure, BaseExceptionGroup):  # from nested nurseries
+            failure = failure.exceptions[0]
     if failure is not None:
         log.error("cannot start: %s", failure)
         return 1

@@ -234,7 +234,8 @@ class Settings:
     local_ctx: int = _setting(2048, "context length of the embedded engine", minimum=256)
     local_start_timeout: float = _setting(180.0, "seconds the embedded engine has to start", minimum=1.0)
     workers: int = _setting(
-        1, "server processes sharing the port (SO_REUSEPORT), each its own Trio loop, supervised by the first",
+        1, "server processes sharing the port (SO_REUSEPORT), each its own Trio loop, supervised by the first; "
+        "worker i serves --http-port + i - 1",
         minimum=1, maximum=256
     )
     redis: str | None = _setting(

@@ -14,17 +14,23 @@ only when the kernel's buffer is full; OS errors become trio's stream errors as 
 raises them. The file descriptor is looked up on every call, never cached: a closed socket reports
 -1 (``ClosedResourceError``) rather than a number the kernel may have given to another socket.
 TLS streams are left to trio (``trio.SSLStream``).
+
+For ``--workers`` (``workers.py``) it also binds listening sockets with ``SO_REUSEPORT``: several
+processes, each with its own listener on one port, the kernel spreading new connections among them.
 """
 
 from __future__ import annotations
 
 import errno
 import os
+import socket
 from typing import Final
 
 import trio
 
 DEFAULT_RECEIVE_SIZE: Final = 65536
+# As trio's open_tcp_listeners: the kernel clamps it to net.core.somaxconn.
+LISTEN_BACKLOG: Final = 0xFFFF
 _CLOSED_ERRNOS: Final = frozenset({errno.EBADF, errno.ENOTSOCK})
 
 
@@ -126,3 +132,69 @@ class ClientStream(trio.abc.HalfCloseableStream):
     async def aclose(self) -> None:
         """Close the socket."""
         await self.stream.aclose()
+
+
+def _passive_addresses(host: str, port: int) -> list[tuple[int, int, int, tuple[str | int, ...]]]:
+    """``host``'s addresses to listen on (as ``trio.open_tcp_listeners`` resolves them), without repeats."""
+    infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    seen: list[tuple[int, int, int, tuple[str | int, ...]]] = []
+    for family, kind, proto, _, address in infos:
+        entry = (int(family), int(kind), proto, tuple(item for item in address if isinstance(item, str | int)))
+        if entry not in seen:
+            seen.append(entry)
+    return seen
+
+
+def _bind(family: int, kind: int, proto: int, address: tuple[str | int, ...], *, reuseport: bool) -> socket.socket:
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuseport:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind(address)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def reuseport_sockets(host: str, port: int, *, listen: bool = True) -> list[socket.socket]:
+    """Sockets on every address of ``host`` at ``port`` (not 0) with ``SO_REUSEPORT``, listening if ``listen``.
+
+    Other sockets with ``SO_REUSEPORT`` of the same user may bind the same port; each listening one
+    gets its share of new connections (by a hash of the client's address and port).
+    Raises ``OSError`` (``EADDRINUSE``) when a socket without ``SO_REUSEPORT`` holds the port.
+    """
+    if port == 0:
+        raise ValueError("SO_REUSEPORT listeners need a known port; see reserve_port")
+    sockets: list[socket.socket] = []
+    try:
+        for family, kind, proto, address in _passive_addresses(host, port):
+            sock = _bind(family, kind, proto, address, reuseport=True)
+            sockets.append(sock)
+            if listen:
+                sock.listen(LISTEN_BACKLOG)
+    except BaseException:
+        for sock in sockets:
+            sock.close()
+        raise
+    return sockets
+
+
+def reserve_port(host: str, port: int) -> tuple[int, list[socket.socket]]:
+    """Check that ``port`` (0: any free one) is free on every address of ``host`` and hold it.
+
+    Returns the port and sockets bound to it with ``SO_REUSEPORT`` but not listening: they get no
+    connections, but keep the port for the workers (and for a worker restarted after all died).
+    The check binds without ``SO_REUSEPORT`` first, so a port already served by another program,
+    even one using ``SO_REUSEPORT`` itself, is an ``OSError`` (``EADDRINUSE``) here rather than a
+    port silently shared with it.
+    """
+    for family, kind, proto, address in _passive_addresses(host, port):
+        if port != 0:
+            address = (address[0], port, *address[2:])
+        with _bind(family, kind, proto, address, reuseport=False) as probe:
+            port = int(probe.getsockname()[1])  # the first address of port 0 picks it; the others follow
+    return port, reuseport_sockets(host, port, listen=False)
