@@ -310,12 +310,15 @@ class EnginePool:
 
     async def _discover(self, engines: Sequence[Engine]) -> None:
         """Ask each engine for its models at once; one that cannot answer is left for its probe."""
+        if self.single:  # its error is the request's (no exception group around it)
+            await self.engines[0].discover()
+            self._index()
+            return
+
         async def one(engine: Engine) -> None:
             try:
                 await engine.discover()
             except UpstreamError as exc:
-                if self.single:
-                    raise
                 log.warning("engine %s did not list its models: %s", engine.name, exc.message)
 
         async with trio.open_nursery() as nursery:

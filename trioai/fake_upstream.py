@@ -288,7 +288,8 @@ class FakeUpstream:
             if self.refuse_models:
                 await self._send_json(stream, conn, 503, _error_body(503, "engine is unhealthy", None))
                 return
-            models = {"object": "list", "data": [{"id": m, "object": "model", "owned_by": "fake"} for m in self.models or (self.model,)]}
+            listed = self.models or (self.model,)
+            models = {"object": "list", "data": [{"id": m, "object": "model", "owned_by": "fake"} for m in listed]}
             await self._send_json(stream, conn, 200, models)
         elif method == "GET" and path == "/metrics" and self.publish_metrics:
             text = "".join(f'vllm:{name}{{model_name="{self.model}"}} {value}\n' for name, value in (
