@@ -18,7 +18,9 @@ Needs the bench extra: ``pip install -e '.[bench]'`` (fastapi, uvicorn, openai �
 from __future__ import annotations
 
 import argparse
+import glob
 import os
+import re
 import socket
 import statistics
 import subprocess
@@ -30,6 +32,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
+import httpx
 import trio
 from trio_websocket import open_websocket_url
 from wsproto import ConnectionType, WSConnection
@@ -61,6 +64,49 @@ def process_cpu_seconds(pid: int) -> float:
     with open(f"/proc/{pid}/stat") as stat:
         fields = stat.read().rpartition(")")[2].split()
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def schedstat_seconds(pid: int) -> float:
+    """Time process ``pid`` has been on a CPU, all its threads, in nanoseconds (``schedstat``): the
+    100 Hz ticks of ``/proc/PID/stat`` are ~6% of a 4-stream paced run's gateway CPU; falls back to them."""
+    total = 0
+    try:
+        for path in glob.glob(f"/proc/{pid}/task/*/schedstat"):
+            with open(path) as stat:
+                total += int(stat.read().split()[0])
+    except (OSError, ValueError):
+        return process_cpu_seconds(pid)
+    return total / 1e9 if total else process_cpu_seconds(pid)
+
+
+#: Issue 19's histograms, read from a trioai server's /metrics around the paced load.
+HISTOGRAMS = {"request start": "trioai_request_start_seconds", "relay": "trioai_relay_seconds"}
+
+
+def histogram_buckets(text: str, name: str) -> list[tuple[float, float]]:
+    """The cumulative ``(le, count)`` buckets of histogram ``name`` in a Prometheus text exposition."""
+    buckets = []
+    for found in re.finditer(rf'^{re.escape(name)}_bucket{{le="([^"]+)"}} ([0-9.e+]+)$', text, re.MULTILINE):
+        buckets.append((float(found.group(1)), float(found.group(2))))
+    return sorted(buckets)
+
+
+def bucket_quantile(before: list[tuple[float, float]], after: list[tuple[float, float]], q: float) -> float:
+    """The ``q`` quantile (0..1) of the observations between two readings of one histogram, linearly
+    interpolated within its bucket (as Prometheus' ``histogram_quantile``); NaN with none."""
+    counts = dict(before)
+    delta = [(le, count - counts.get(le, 0.0)) for le, count in after]
+    if not delta or delta[-1][1] <= 0:
+        return float("nan")
+    rank = q * delta[-1][1]
+    lower, below = 0.0, 0.0
+    for le, count in delta:
+        if count >= rank:
+            if le == float("inf"):
+                return lower  # beyond the last finite bound: say that bound
+            return lower + (le - lower) * ((rank - below) / (count - below) if count > below else 1.0)
+        lower, below = le, count
+    return lower
 
 
 @dataclass(frozen=True)
@@ -96,10 +142,18 @@ class Server:
     name: str
     process: trio.Process
     url: str
+    metrics_url: str | None = None  # trioai's /metrics
 
     def cpu_seconds(self) -> float:
-        """User + system CPU time of the process so far."""
-        return process_cpu_seconds(self.process.pid)
+        """CPU time of the process so far (``schedstat``)."""
+        return schedstat_seconds(self.process.pid)
+
+    async def metrics(self) -> str:
+        """The server's /metrics text ("" without a metrics port)."""
+        if self.metrics_url is None:
+            return ""
+        async with httpx.AsyncClient(timeout=10.0) as client:
+            return (await client.get(self.metrics_url)).text
 
     def rss_kib(self) -> int:
         """Resident memory now."""
@@ -149,11 +203,12 @@ async def trioai_server(upstream: str, code: str | None = None, name: str = "tri
     # Imported here: bench.queue imports this module's CPU readers, so a top-level import is circular.
     from bench.queue import CURRENT, gateway_from
 
-    options = ("--send-timeout", "60", "--max-connections", "20000")
+    http_port = free_port()
+    options = ("--send-timeout", "60", "--max-connections", "20000", "--http-port", str(http_port))
     if code is not None:
         require_package(code)  # again at every start: a copy removed mid-run would run this tree instead
     async with gateway_from(code or CURRENT, upstream, options) as process:
-        yield Server(name, process.process, process.address)
+        yield Server(name, process.process, process.address, f"http://127.0.0.1:{http_port}/metrics")
 
 
 SERVERS: dict[str, Callable[[str], Any]] = {"trioai": trioai_server, "peer": peer}
@@ -208,11 +263,18 @@ async def paced(kind: str, engine: Process, streams: int, max_tokens: int, figur
                 table: dict[str, Callable[[str], Any]] = SERVERS) -> None:
     async with table[kind](engine.address) as server:
         await ws_load(server.url, 1, 4, 0.0)
+        metrics_before = await server.metrics()
         before = CpuUse.now(engine, server)
         result = await ws_load(server.url, streams, max_tokens, 0.0)
         after = CpuUse.now(engine, server)
         if not result.all_exact:
             raise RuntimeError(f"{kind}: paced text not exact")
+        if metrics_before:  # trioai's own clock: the burst's request starts and the sampled relays
+            metrics_after = await server.metrics()
+            for label, metric in HISTOGRAMS.items():
+                old, new = histogram_buckets(metrics_before, metric), histogram_buckets(metrics_after, metric)
+                for pct in (50, 99):
+                    figures.add(f"{label} p{pct} µs (gateway)", bucket_quantile(old, new, pct / 100) * 1e6)
         frames = sum(s.frames for s in result.streams)
         after.record_since(before, frames, figures)
         figures.add("TTFT p50 ms", percentile(result.ttfts(), 50) * 1000)
@@ -309,6 +371,11 @@ async def main_async(args: argparse.Namespace) -> None:
     async with fake_engine() as unpaced, fake_engine("--delay", "0.02") as slow:
         for round_number in range(args.rounds):
             order = kinds if round_number % 2 == 0 else kinds[::-1]  # alternate who goes first
+            if args.quiet_below:
+                from bench.surfaces import wait_quiet  # bench.surfaces imports this module
+
+                quiet = await wait_quiet(args.quiet_below, args.quiet_for, args.quiet_cap)
+                print(f"round {round_number + 1}: {quiet}", file=sys.stderr, flush=True)
             for count in () if args.paced_only else connections:
                 direct = await sse_load(unpaced.address, count, args.tokens, args.duration)
                 figures["direct"].add(f"tok/s @{count}", direct.tokens_per_s)
@@ -333,7 +400,8 @@ async def main_async(args: argparse.Namespace) -> None:
     names = [f"tok/s @{c}" for c in connections] + [
         "TTFT p50 ms", "TTFT p99 ms", "ITL p50 ms", "ITL p99 ms", "CPU ms / 1000 token events",
         "token events / delta", "machine CPU busy %", "load generator CPU ms / 1000 token events",
-        "engine CPU ms / 1000 token events",
+        "engine CPU ms / 1000 token events", "request start p50 µs (gateway)", "request start p99 µs (gateway)",
+        "relay p50 µs (gateway)", "relay p99 µs (gateway)",
     ]
     header = ["figure (median of rounds)", "direct SSE", *kinds, *heads]
     lines = [row(*header), row(*["---"] * len(header))]
@@ -357,6 +425,10 @@ async def main_async(args: argparse.Namespace) -> None:
           f"{args.duration:g} s per throughput run; paced: {args.streams} streams × {args.paced_tokens} tokens "
           "at 20 ms\n")
     print("\n".join(lines))
+    cpu = "CPU ms / 1000 token events"
+    if len(ours) > 1 or args.paced_only:  # an A/B: how much each round moved
+        print(f"\n{cpu}, per round: " + "; ".join(
+            f"{kind} " + ", ".join(fmt(value) for value in figures[kind].values.get(cpu, [])) for kind in kinds))
 
 
 def main() -> None:
@@ -373,6 +445,10 @@ def main() -> None:
     parser.add_argument("--paced-only", action="store_true",
                         help="only the paced load (e.g. to compare --streams 16, 32, 64): no throughput, cancel "
                              "or idle runs")
+    parser.add_argument("--quiet-below", type=float, default=0.0,
+                        help="before each round, wait until both cores are under this %% busy (0: don't)")
+    parser.add_argument("--quiet-for", type=float, default=10.0, help="seconds the cores must stay under it")
+    parser.add_argument("--quiet-cap", type=float, default=120.0, help="longest wait for a quiet machine, s")
     parser.add_argument("--gateway-code", action="append", metavar="DIR",
                         help="run trioai from DIR/trioai instead of this tree (repeatable: an A/B, a column per "
                              "copy, alternating within each round)")

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import trio
 
+from bench.compare import bucket_quantile, histogram_buckets
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -40,14 +42,19 @@ async def test_paced_only_prints_the_paced_figures_and_nothing_else() -> None:
     rows = re.findall(r"^\| ([^|]+?) \|", out, re.MULTILINE)
     assert rows[2:] == ["TTFT p50 ms", "TTFT p99 ms", "ITL p50 ms", "ITL p99 ms", "CPU ms / 1000 token events",
                         "token events / delta", "machine CPU busy %", "load generator CPU ms / 1000 token events",
-                        "engine CPU ms / 1000 token events"], rows
+                        "engine CPU ms / 1000 token events", "request start p50 µs (gateway)",
+                        "request start p99 µs (gateway)", "relay p50 µs (gateway)", "relay p99 µs (gateway)"], rows
+    # The gateway's own clock (its /metrics histograms): every request started, a relay sampled.
+    for name in ("request start p50 µs (gateway)", "relay p99 µs (gateway)"):
+        found = re.search(rf"^\| {re.escape(name)} \| – \| ([0-9.,]+) \| – \|", out, re.MULTILINE)
+        assert found and float(found.group(1).replace(",", "")) > 0, name
     cpu: dict[str, list[float]] = {}
     for name in ("load generator CPU ms / 1000 token events", "engine CPU ms / 1000 token events"):
         found = re.search(rf"^\| {name} \| ([0-9.,]+) \| ([0-9.,]+) \| ([0-9.,]+) \|", out, re.MULTILINE)
         assert found, name
         cpu[name] = [float(value.replace(",", "")) for value in found.groups()]
-    # CPU time comes in 10 ms clock ticks: the engine's share of 20 events may round to 0, the
-    # load generator's three runs together cannot.
+    # The engine's and load generator's CPU time comes in 10 ms clock ticks: the engine's share of
+    # 20 events may round to 0, the load generator's three runs together cannot.
     assert all(value >= 0 for values in cpu.values() for value in values), cpu
     assert sum(cpu["load generator CPU ms / 1000 token events"]) > 0, cpu
 
@@ -92,3 +99,25 @@ async def test_gateway_code_without_a_package_fails(tmp_path: Path) -> None:
         result = await trio.run_process(command, cwd=ROOT, capture_stdout=True, capture_stderr=True, check=False)
     assert result.returncode != 0
     assert f"--gateway-code {tmp_path / 'gone'}: no " in result.stderr.decode()
+
+
+EXPOSITION = """# HELP trioai_relay_seconds x
+trioai_relay_seconds_bucket{le="0.001"} %d
+trioai_relay_seconds_bucket{le="0.002"} %d
+trioai_relay_seconds_bucket{le="+Inf"} %d
+trioai_relay_seconds_count %d
+trioai_other_bucket{le="0.001"} 99.0
+"""
+
+
+def test_histogram_quantiles_come_from_the_buckets_of_the_interval() -> None:
+    before = histogram_buckets(EXPOSITION % (10, 10, 10, 10), "trioai_relay_seconds")
+    assert before == [(0.001, 10.0), (0.002, 10.0), (float("inf"), 10.0)]
+    # In the interval: 50 observations up to 1 ms, 50 more up to 2 ms.
+    after = histogram_buckets(EXPOSITION % (60, 110, 110, 110), "trioai_relay_seconds")
+    assert bucket_quantile(before, after, 0.5) == 0.001
+    assert abs(bucket_quantile(before, after, 0.99) - 0.00198) < 1e-9  # interpolated within (1, 2] ms
+    assert abs(bucket_quantile(before, after, 0.25) - 0.0005) < 1e-9  # within (0, 1] ms
+    assert bucket_quantile(before, before, 0.5) != bucket_quantile(before, before, 0.5)  # none: NaN
+    beyond = histogram_buckets(EXPOSITION % (60, 110, 120, 120), "trioai_relay_seconds")
+    assert bucket_quantile(before, beyond, 0.99) == 0.002  # past the last bound: that bound

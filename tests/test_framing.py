@@ -15,11 +15,16 @@ from typing import Any
 
 import pytest
 import trio
-from trio_websocket import WebSocketConnection
+import trio.testing
+from trio_websocket import ConnectionClosed, WebSocketConnection
+from wsproto import ConnectionType, WSConnection
+from wsproto.events import AcceptConnection, Request, TextMessage
 
 from trioai.fake_upstream import FakeUpstream, Script
+from trioai.outbox import Outbox, RelaySample, arm_relay_sample
 from trioai.server import RunningServer
-from trioai.wsframing import CLOSE_FRAME_TIMEOUT, ServerConnection
+from trioai.sockets import ClientStream
+from trioai.wsframing import CLOSE_FRAME_TIMEOUT, ServerConnection, text_frame, wrap_server_stream
 
 from .conftest import StartGateway
 from .helpers import frame
@@ -269,3 +274,110 @@ async def test_a_violation_from_a_client_that_does_not_read_ends_its_connection(
         await client.aclose()
     assert not errors_logged(caplog)
     await assert_still_serves(server)
+
+
+# --- the lean text-frame path (issue 19) ----------------------------------------------------------
+
+
+def open_wsproto_pair() -> tuple[WSConnection, WSConnection]:
+    """A wsproto client and server past the handshake, in memory."""
+    client, server = WSConnection(ConnectionType.CLIENT), WSConnection(ConnectionType.SERVER)
+    server.receive_data(client.send(Request(host="h", target="/ws/chat")))
+    assert isinstance(next(server.events()), Request)
+    client.receive_data(server.send(AcceptConnection()))
+    assert isinstance(next(client.events()), AcceptConnection)
+    return client, server
+
+
+@pytest.mark.parametrize("size", [0, 1, 125, 126, 127, 65535, 65536, 70000])
+@pytest.mark.parametrize("char", ["a", "é", "😀"])
+def test_text_frame_is_the_frame_wsproto_would_send(size: int, char: str) -> None:
+    client, server = open_wsproto_pair()
+    message = (char * size)[:size] if char == "a" else char * (size // len(char.encode()))
+    frame_bytes = text_frame(message)
+    assert frame_bytes == server.send(TextMessage(data=message))
+    client.receive_data(frame_bytes)
+    events = list(client.events())
+    assert len(events) == 1 and isinstance(events[0], TextMessage)
+    assert events[0].data == message and events[0].message_finished
+
+
+async def accepted_pair(nursery: trio.Nursery, send_buffer: int) -> tuple[ServerConnection, trio.socket.SocketType,
+                                                                             WSConnection]:
+    """A ServerConnection on one end of a socket pair (small send buffer), a wsproto client on the other."""
+    ours, theirs = trio.socket.socketpair()
+    ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, send_buffer)
+    theirs.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, send_buffer)
+    client = WSConnection(ConnectionType.CLIENT)
+    await theirs.send(client.send(Request(host="h", target="/ws/chat")))
+    request = await wrap_server_stream(nursery, ClientStream(trio.SocketStream(ours)))
+    ws = await request.accept()
+    assert isinstance(ws, ServerConnection)
+    while not any(isinstance(event, AcceptConnection) for event in client.events()):
+        client.receive_data(await theirs.recv(65536))
+    return ws, theirs, client
+
+
+async def read_messages(sock: trio.socket.SocketType, client: WSConnection, count: int) -> list[str]:
+    messages: list[str] = []
+    parts: list[str] = []
+    while len(messages) < count:
+        data = await sock.recv(65536)
+        assert data, "the server closed"
+        client.receive_data(data)
+        for event in client.events():
+            assert isinstance(event, TextMessage), event
+            parts.append(event.data)
+            if event.message_finished:
+                messages.append("".join(parts))
+                parts = []
+    return messages
+
+
+async def test_frames_written_at_once_keep_their_order_when_the_kernel_takes_only_part(nursery: trio.Nursery) -> None:
+    ws, theirs, client = await accepted_pair(nursery, 4096)
+    big = "x" * 500_000  # far beyond the socket buffers: most of it waits for the reader
+    assert ws.can_write_now()
+    ws.write_now([big, "second"])
+    assert not ws.can_write_now()  # a remainder waits: nothing may overtake it
+    nursery.start_soon(ws.send_message, "third")  # through the lock, after the remainder
+    await trio.testing.wait_all_tasks_blocked()
+    with trio.fail_after(10):
+        assert await read_messages(theirs, client, 3) == [big, "second", "third"]
+        while not ws.can_write_now():
+            await trio.sleep(0.001)
+    await ws.send_message("fourth")  # the lean path again: written before send_message returns
+    assert await read_messages(theirs, client, 1) == ["fourth"]
+    theirs.close()
+
+
+async def send_messages_until_closed(ws: ServerConnection) -> None:
+    while True:
+        await ws.send_message("y")
+        await trio.sleep(0.001)
+
+
+async def test_a_write_to_a_connection_the_client_reset_closes_it_as_trio_websocket_would(
+        nursery: trio.Nursery) -> None:
+    ws, theirs, _ = await accepted_pair(nursery, 4096)
+    theirs.close()
+    with trio.fail_after(5):
+        ws.write_now(["x" * 100_000])  # EPIPE/ECONNRESET at once or after the first part: a task reports it
+        with pytest.raises(ConnectionClosed):
+            await send_messages_until_closed(ws)
+    assert ws.closed is not None
+
+
+async def test_the_relay_sample_of_a_popped_frame_is_told_when_its_write_is_done(nursery: trio.Nursery) -> None:
+    ws, theirs, client = await accepted_pair(nursery, 65536)
+    seen: list[float] = []
+    outbox = Outbox()
+    sender = outbox.stream("a")
+    arm_relay_sample(RelaySample(0.0, seen.append))
+    sender.put_token("hello")
+    frame = outbox.pop()
+    assert isinstance(frame, str)
+    await ws.send_message(frame)
+    assert len(seen) == 1
+    assert json.loads((await read_messages(theirs, client, 1))[0])["content"] == "hello"
+    theirs.close()

@@ -9,7 +9,15 @@ import pytest
 import trio
 import trio.testing
 
-from trioai.outbox import CloseFrame, Outbox, StreamSender
+from trioai.outbox import (
+    CloseFrame,
+    Outbox,
+    RelaySample,
+    StreamSender,
+    arm_relay_sample,
+    flush_deferred,
+    take_relay_sample,
+)
 from trioai.protocol import Cancelled, Done, Pong, Started, Usage
 
 
@@ -242,3 +250,120 @@ async def test_the_byte_count_follows_every_kind_of_frame() -> None:
         await next_frame(outbox)
         assert outbox.queued_bytes == unsent_chars(outbox)
     assert outbox.queued_bytes == 0
+
+
+# --- deltas written by their generation task (issue 19) ------------------------------------------
+
+
+class FakeConnection:
+    """A connection that writes at once (as wsframing.ServerConnection on a free socket), recording each write."""
+
+    def __init__(self) -> None:
+        self.free = True
+        self.writes: list[list[str]] = []
+
+    def can_write_now(self) -> bool:
+        return self.free
+
+    def write_now(self, messages: list[str]) -> None:
+        assert self.free, "written while the socket was busy"
+        self.writes.append(list(messages))
+
+
+def direct_outbox() -> tuple[Outbox, FakeConnection, list[str]]:
+    """An outbox using a FakeConnection; the list records each writer start it asks for."""
+    started: list[str] = []
+
+    def start_writer() -> bool:
+        started.append("writer")
+        return True
+
+    outbox = Outbox(start_writer=start_writer)
+    connection = FakeConnection()
+    outbox.use_connection(connection)
+    return outbox, connection, started
+
+
+def decoded(write: list[str]) -> list[tuple[str, str | None]]:
+    return [(event["type"], event.get("content")) for event in map(json.loads, write)]
+
+
+async def test_deltas_wait_for_their_task_and_go_out_in_one_write_without_the_writer() -> None:
+    outbox, connection, started = direct_outbox()
+    a = outbox.stream("a")
+    a.event(Started("a", "m"))  # not a delta: the writer is asked for, as before
+    assert started == ["writer"]
+    outbox.writer_running = False  # as if it had not run yet
+    started.clear()
+    for content in ("x", "y", "z"):  # one engine read's deltas
+        assert not a.put_token(content)
+    assert started == []  # no writer for deltas
+    assert connection.writes == []  # nothing written before the task flushes
+    flush_deferred()
+    assert [decoded(write) for write in connection.writes] == [[("start", None), ("token", "xyz")]]
+    assert len(outbox) == 0 and outbox.queued_bytes == 0
+    assert started == []
+    flush_deferred()  # nothing left: no empty write
+    assert len(connection.writes) == 1
+
+
+async def test_a_busy_connection_gets_its_deltas_from_the_writer_in_order() -> None:
+    outbox, connection, started = direct_outbox()
+    a = outbox.stream("a")
+    connection.free = False  # e.g. the writer is in the middle of a frame the kernel did not take whole
+    a.put_token("x")
+    a.put_token("y")
+    flush_deferred()
+    assert connection.writes == []
+    assert started == ["writer"]  # woken instead
+    assert await drain(outbox) == [{"type": "token", "id": "a", "content": "xy"}]
+
+
+async def test_a_closing_connection_takes_deltas_through_the_writer() -> None:
+    outbox, connection, _ = direct_outbox()
+    a = outbox.stream("a")
+    a.put_token("x")
+    outbox.close(1001, "bye")
+    flush_deferred()
+    assert connection.writes == []  # the close frame is the writer's to send, after what came before
+    frames = await drain(outbox)
+    assert frames == [{"type": "token", "id": "a", "content": "x"}, CloseFrame(1001, "bye")]
+
+
+async def test_a_generation_over_its_bound_writes_its_deltas_before_it_waits() -> None:
+    outbox, connection, started = direct_outbox()
+    a = StreamSender(outbox, "a", stream_buffer_bytes=4)
+    assert a.put_token("abcdef")  # over the bound: the gateway waits in drained()
+    with trio.fail_after(1):  # no writer was started: drained() itself must send what it waits for
+        await a.drained()
+    assert [decoded(write) for write in connection.writes] == [[("token", "abcdef")]]
+    assert started == []
+
+
+async def test_a_relay_sample_rides_on_its_delta_to_the_write() -> None:
+    seen: list[float] = []
+    outbox = Outbox()
+    a = outbox.stream("a")
+    sample = RelaySample(0.0, seen.append)
+    arm_relay_sample(sample)
+    a.put_token("x")
+    arm_relay_sample(RelaySample(0.0, seen.append))  # a later read of the same slot: the oldest is kept
+    a.put_token("y")
+    arm_relay_sample(None)
+    assert take_relay_sample() is None  # not popped yet
+    frame = outbox.pop()
+    assert json.loads(frame)["content"] == "xy"  # type: ignore[arg-type]
+    assert take_relay_sample() is sample
+    assert take_relay_sample() is None
+    sample.written()
+    assert len(seen) == 1 and seen[0] > 0
+
+
+async def test_an_armed_sample_no_delta_took_is_forgotten() -> None:
+    outbox = Outbox()
+    a = outbox.stream("a")
+    arm_relay_sample(RelaySample(0.0, lambda seconds: None))
+    arm_relay_sample(None)  # what ChatStream does before its next read
+    a.put_token("x")
+    outbox.pop()
+    assert take_relay_sample() is None

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 
 import httpx
 import pytest
@@ -13,7 +13,7 @@ import trio
 
 from trioai.fake_upstream import FakeUpstream, Script
 from trioai.sse import DONE, SSEDecoder, parse_chunk
-from trioai.transport import H11Transport
+from trioai.transport import REQUEST_WRITTEN, H11Transport
 from trioai.upstream import Upstream
 
 Handler = Callable[[trio.SocketStream], Awaitable[None]]
@@ -254,3 +254,96 @@ async def test_health_answers_while_every_chat_connection_is_busy(upstream: Fake
                 assert await engine.health()
                 assert await engine.list_models() == ["fake-model"]
             assert (engine.transport.connections_open, engine.transport.connections_idle) == (2, 0)
+
+
+async def test_the_request_written_hook_runs_before_the_answer_and_reads_are_stamped(nursery: trio.Nursery) -> None:
+    """REQUEST_WRITTEN (upstream's request-start histogram) runs once the request's bytes are out,
+    before the engine answers: this engine answers only after the hook ran."""
+    written = trio.Event()
+    calls: list[float] = []
+
+    async def answer_after_the_hook(stream: trio.SocketStream) -> None:
+        await stream.receive_some(65536)
+        await written.wait()
+        await stream.send_all(OK)
+
+    def hook() -> None:
+        calls.append(trio.current_time())
+        written.set()
+
+    base_url = await raw_server(nursery, answer_after_the_hook)
+    transport = H11Transport()
+    request = httpx.Request("GET", base_url + "/x", extensions={REQUEST_WRITTEN: hook, "timeout": {}})
+    with trio.fail_after(5):
+        response = await transport.handle_async_request(request)
+        assert response.status_code == 200
+        assert calls and len(calls) == 1
+        body = response.stream
+        assert isinstance(body, httpx.AsyncByteStream)
+        assert b"".join([part async for part in body]) == b"ok"
+        assert getattr(body, "read_at", None) is None or body.read_at > 0  # type: ignore[attr-defined]
+        await body.aclose()
+    await transport.aclose()
+
+
+class StepCounter(trio.abc.Instrument):
+    """Counts the scheduler steps of one task."""
+
+    def __init__(self, task: trio.lowlevel.Task) -> None:
+        self.task = task
+        self.steps = 0
+
+    def before_task_step(self, task: trio.lowlevel.Task) -> None:
+        if task is self.task:
+            self.steps += 1
+
+
+@pytest.mark.parametrize("pooled", [False, True])
+async def test_a_request_is_written_without_a_schedule_point(nursery: trio.Nursery, pooled: bool) -> None:
+    """New (to an address) or pooled, an engine connection takes no yield before the request is out:
+    in a burst of requests every yield there costs a pass over all the others (issue 19)."""
+    async def answer(stream: trio.SocketStream) -> None:
+        while await stream.receive_some(65536):
+            await stream.send_all(OK)
+
+    base_url = await raw_server(nursery, answer)
+    transport = H11Transport()
+    steps_at_write: list[int] = []
+    counter = StepCounter(trio.lowlevel.current_task())
+    if pooled:
+        response = await transport.handle_async_request(httpx.Request("GET", base_url + "/x"))
+        await response.aread()
+        await response.aclose()
+        assert transport.connections_idle == 1
+    request = httpx.Request("GET", base_url + "/x",
+                            extensions={REQUEST_WRITTEN: lambda: steps_at_write.append(counter.steps)})
+    trio.lowlevel.add_instrument(counter)
+    try:
+        response = await transport.handle_async_request(request)
+    finally:
+        trio.lowlevel.remove_instrument(counter)
+    assert steps_at_write == [0]  # written in the step that asked
+    await response.aread()
+    assert response.content == b"ok"
+    await response.aclose()
+    await transport.aclose()
+
+
+async def test_a_refused_connect_found_at_the_first_write_is_a_connect_error() -> None:
+    with socket_closed_port() as port:
+        transport = H11Transport()
+        with pytest.raises(httpx.ConnectError):
+            await transport.handle_async_request(httpx.Request("GET", f"http://127.0.0.1:{port}/x"))
+        assert transport.connections_open == 0
+        await transport.aclose()
+
+
+@contextlib.contextmanager
+def socket_closed_port() -> Iterator[int]:
+    """A local port nothing listens on."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    yield port

@@ -111,6 +111,9 @@ def setup_logging(level: str, log_format: str = "text", worker: int | None = Non
         formatter = logging.Formatter(fmt)
     handler.setFormatter(formatter)
     logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
+    # coredis logs a traceback for every connection attempt a timeout cancels; the shared state logs
+    # Redis going away and coming back once each.
+    logging.getLogger("coredis").setLevel(logging.CRITICAL)
     # httpx logs every request at INFO; one line per generation is ours to write.
     logging.getLogger("httpx").setLevel(logging.WARNING)
 
@@ -184,6 +187,10 @@ async def run_server(
     supervisor's commands) and ``on_ready``, called once the server listens.
     """
     notifier = notifier or Notifier()
+    if settings.redis is not None:  # a Redis that does not answer at start is a configuration error
+        from .redisstate import check_redis
+
+        await check_redis(settings.redis)
     if listeners is None:
         listeners = listeners_from(inherited_sockets())
     drain = trio.Event()

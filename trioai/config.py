@@ -244,6 +244,11 @@ class Settings:
     )
     #: ``[[engines]]`` tables of the config file (not an option or variable: see :mod:`trioai.enginespec`).
     engines: tuple[EngineSpec, ...] = field(default=(), metadata={"help": "", "file_only": True})
+    lease_seconds: float = _setting(
+        5.0, "with --redis: seconds an instance holds a generation (or a capacity slot) without renewing it; "
+        "after an instance dies, its generations are continued and its slots freed within this time",
+        minimum=0.5, maximum=600.0
+    )
     log_level: str = _setting("info", "debug, info, warning or error")
     log_format: str = _setting("text", "text (one line per event) or json (one object per line, for log shippers)")
 

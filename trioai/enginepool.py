@@ -29,7 +29,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from collections.abc import AsyncIterator, Collection, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Iterable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Final
@@ -75,15 +75,18 @@ class EngineLoad:
 
 
 def parse_engine_metrics(text: str) -> EngineLoad | None:
-    """vLLM's ``num_requests_running``/``waiting`` and ``kv_cache_usage_perc`` (summed over label
-    sets) from Prometheus text; None when the text has none of them (not a vLLM)."""
+    """vLLM's ``num_requests_running``/``waiting`` (summed over label sets) and ``kv_cache_usage_perc``
+    (the highest) from Prometheus text; None when the text has none of them (not a vLLM)."""
     wanted = {"vllm:num_requests_running": 0.0, "vllm:num_requests_waiting": 0.0, "vllm:kv_cache_usage_perc": 0.0}
     found = False
     try:
         for family in text_string_to_metric_families(text):
             for sample in family.samples:
                 if sample.name in wanted and math.isfinite(sample.value):
-                    wanted[sample.name] += sample.value
+                    if sample.name == "vllm:kv_cache_usage_perc":  # a share: the fullest (data-parallel) rank counts
+                        wanted[sample.name] = max(wanted[sample.name], sample.value)
+                    else:
+                        wanted[sample.name] += sample.value
                     found = True
     except ValueError:
         return None
@@ -169,7 +172,7 @@ class Engine:
         """No traffic until a probe passes, which is not tried before the backoff."""
         self.healthy = False
         self.ejections += 1
-        self.probe_after = now + min(MAX_BACKOFF, FIRST_BACKOFF * 2 ** (self.ejections - 1))
+        self.probe_after = now + min(MAX_BACKOFF, FIRST_BACKOFF * 2 ** min(self.ejections - 1, 16))
         self.wake.set()
 
     def restore(self) -> None:
@@ -354,14 +357,17 @@ class EnginePool:
         return [self._shared] if self._shared is not None else list(self._admissions.values())
 
     @asynccontextmanager
-    async def engine_for(self, model: str, prefer: str | None = None,
-                         avoid: Collection[str] = ()) -> AsyncIterator[Engine]:
-        """Hold room on an engine of ``model`` (see :func:`choose`) for the body.
+    async def engine_for(self, model: str, prefer: str | None = None, avoid: Collection[str] = (),
+                         usable: Callable[[Engine], bool] | None = None) -> AsyncIterator[Engine]:
+        """Hold room on an engine of ``model`` (see :func:`choose`), one ``usable`` says may take it,
+        for the body.
 
         The model's admission slot is taken first, so there is room on some engine; only an
         engine serving several models can be full meanwhile, and then this waits for room.
         """
         engines = self._serving.get(model) or list(self.engines)
+        if usable is not None:
+            engines = [e for e in engines if usable(e)]
         while True:
             engine = choose(engines, prefer, avoid)
             if engine is not None:
@@ -375,9 +381,11 @@ class EnginePool:
             if self._room:
                 self._room.unpark_all()
 
-    def alternative(self, model: str, avoid: Collection[str]) -> Engine | None:
-        """A healthy engine of ``model`` not in ``avoid`` with room, if there is one."""
-        engines = [e for e in self._serving.get(model, ()) if e.healthy and e.name not in avoid]
+    def alternative(self, model: str, avoid: Collection[str],
+                    usable: Callable[[Engine], bool] | None = None) -> Engine | None:
+        """A healthy engine of ``model`` not in ``avoid`` (and ``usable``) with room, if there is one."""
+        engines = [e for e in self._serving.get(model, ()) if e.healthy and e.name not in avoid
+                   and (usable is None or usable(e))]
         return choose(engines)
 
     def record(self, engine: Engine, exc: UpstreamError | None) -> None:

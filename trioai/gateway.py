@@ -11,6 +11,7 @@ scope, and leaving the ``stream_chat`` block closes the upstream stream.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Protocol
 
@@ -25,6 +26,7 @@ from .metrics import Metrics
 from .outbox import StreamSender
 from .protocol import AssembledToolCall, ChatRequest, Done, Error, Failover, RequestId, Started, Usage
 from .ratelimit import RateLimiter
+from .sharedgen import SharedGenerations
 from .upstream import Upstream
 
 log = logging.getLogger("trioai.gateway")
@@ -76,9 +78,12 @@ class Gateway:
         self.engine = engine
         self.limits = settings.limits()
         self.metrics = Metrics()
+        for member in pool.engines:  # request-start and relay-latency histograms (issue 19)
+            self.metrics.watch_upstream(member.upstream)
         self.engine_metrics = EngineMetrics(pool, self.metrics.registry)
         self.rate_limiter = RateLimiter(settings.rate_limit_requests, settings.rate_limit_tokens)
         self.registry = Registry(self)  # runs every generation; serve() starts its task
+        self.shared: SharedGenerations | None = None  # with --redis: resumable generations any instance resumes
 
     @property
     def upstream(self) -> Upstream:
@@ -121,8 +126,32 @@ class Gateway:
                 exc = await self.engine.explain(exc)
             return Error(request_id, exc.code.value, exc.message, exc.param, exc.retry_after)
 
+    async def continue_from(self, request: ChatRequest, request_id: RequestId, parts: Sequence[str],
+                            sender: StreamSender, stats: RequestStats) -> Done | Error:
+        """Continue a generation another instance started and lost: ``parts`` are the text deltas its
+        clients were sent (from the shared log); the engine writes on after them. No ``start``
+        again (it is in the log): the events number on from ``sender``'s first ``seq``."""
+        try:
+            model = await self.pool.resolve(request.model)
+            body = payload(request, model)
+            progress = Progress(body)
+            if parts:  # else nothing was sent yet: the request runs as it was
+                follow_up = continuation(body, "".join(parts), len(parts), request)
+                if follow_up is None:
+                    return Error(request_id, ErrorCode.UPSTREAM_DISCONNECTED,
+                                 "the instance running this generation stopped, and its answer cannot be continued "
+                                 "exactly (structured output was asked, or no tokens are left)")
+                progress.text.extend(parts)
+                progress.next_part(follow_up)
+            async with self.pool.admission(model).slot(sender.queued):
+                stats.admitted_at = trio.current_time()
+                return await self._run(request, request_id, model, sender, stats, progress)
+        except UpstreamError as exc:
+            return Error(request_id, exc.code.value, exc.message, exc.param, exc.retry_after)
+
     async def _run(
-        self, request: ChatRequest, request_id: RequestId, model: str, sender: StreamSender, stats: RequestStats
+        self, request: ChatRequest, request_id: RequestId, model: str, sender: StreamSender, stats: RequestStats,
+        progress: Progress | None = None,
     ) -> Done:
         """Relay the request from an engine; on failure, try again where that is safe.
 
@@ -133,13 +162,17 @@ class Gateway:
         stream is *continued* on another engine (see :func:`continuation`) when both engines allow
         it and only text was relayed; otherwise the client gets the error.
         """
-        progress = Progress(payload(request, model))
+        if progress is None:
+            progress = Progress(payload(request, model))
         retries = 0
         tried: list[str] = []
         prefer = stats.prefer_engine
         cause: UpstreamError | None = None  # what broke the answer that a continuation carries on
+        usable: Callable[[Engine], bool] | None = None  # after a cut: only engines that may continue it
+        if progress.continuations:
+            usable = may_continue
         while True:
-            async with self.pool.engine_for(model, prefer, tried) as engine:
+            async with self.pool.engine_for(model, prefer, tried, usable) as engine:
                 stats.engine = engine.name
                 try:
                     done = await self._relay(engine, request_id, sender, stats, progress)
@@ -160,6 +193,7 @@ class Gateway:
                 # An engine that refused the continuation (400: it lacks these fields) is not the news.
                 raise cause if cause is not None and not is_engine_fault(failure) else failure
             cause = cause or failure
+            usable = may_continue
 
     async def _before_first_token(self, exc: UpstreamError, request_id: RequestId, model: str, tried: list[str],
                                   retries: int, stats: RequestStats) -> int:
@@ -188,8 +222,8 @@ class Gateway:
         if (not is_engine_fault(exc) or not progress.continuable or not engine.spec.can_continue
                 or progress.continuations >= self.settings.upstream_retries):
             return False
-        target = self.pool.alternative(model, tried)
-        if target is None or not target.spec.can_continue:
+        target = self.pool.alternative(model, tried, may_continue)
+        if target is None:
             return False
         follow_up = continuation(progress.original, "".join(progress.text), len(progress.text), request)
         if follow_up is None:
@@ -209,7 +243,8 @@ class Gateway:
         completion_tokens: int | None = None
         calls = progress.calls
         text = progress.text
-        async with engine.upstream.stream_chat(progress.payload) as chunks:
+        started_at = None if stats.retries or stats.deltas else stats.received_at  # request start: 1st attempt
+        async with engine.upstream.stream_chat(progress.payload, started_at=started_at) as chunks:
             async for chunk in chunks:
                 over = False
                 if chunk.reasoning:  # a reasoning model's thinking comes before its answer
@@ -237,6 +272,11 @@ class Gateway:
         stats.completion_tokens = None if usage.source == "gateway" else usage.completion_tokens
         return Done(request_id, finish_reason, usage, stats.ttft_ms, _decode_rate(usage.completion_tokens, stats),
                     tuple(AssembledToolCall(c[0], c[1], "".join(c[2])) for _, c in sorted(calls.items())))
+
+
+def may_continue(engine: Engine) -> bool:
+    """Whether an engine may continue another's cut answer (its entry's ``continue``)."""
+    return engine.spec.can_continue
 
 
 def payload(request: ChatRequest, model: str) -> dict[str, Any]:

@@ -39,6 +39,8 @@ import trio
 from .errors import ErrorCode, ProtocolError
 from .outbox import EventEncoder, StreamSender
 from .protocol import Cancelled, ChatRequest, Done, Error, RequestId, ResumeRequest
+from .sharedgen import Record, is_terminal, summarize
+from .state import StateUnavailable
 
 if TYPE_CHECKING:
     from .gateway import Gateway, RequestStats
@@ -54,7 +56,7 @@ class Generation:
     """One generation's state: its log (``sender``), its cancel scope, and who is attached."""
 
     __slots__ = ("request_id", "sender", "scope", "token", "key_id", "client", "conn_id", "stats", "session",
-                 "detached_at", "ended_at", "end_reason", "log_bytes")
+                 "detached_at", "ended_at", "end_reason", "log_bytes", "shared")
 
     def __init__(self, request_id: RequestId, sender: StreamSender, token: str | None, key_id: str | None,
                  client: str, conn_id: int, stats: RequestStats, session: Session) -> None:
@@ -71,6 +73,7 @@ class Generation:
         self.ended_at: float | None = None
         self.end_reason = "cancel"  # what a cancellation of the scope means: see Registry._run
         self.log_bytes = 0
+        self.shared = False  # its events are in shared state too (--redis): any instance can resume it
 
     @property
     def finished(self) -> bool:
@@ -160,21 +163,144 @@ class Registry:
         generation.detached_at = None
         generation.session = session
         sender.attach(session.outbox, request.after)
+        if generation.shared:
+            session.share(generation)
         self.gateway.metrics.resumes.inc()
         log.info("request conn=%d id=%s resumed after=%d from conn=%d", session.conn_id, request.id, request.after,
                  generation.conn_id)
         return generation
 
+    async def resume_shared(self, session: Session, request: ResumeRequest) -> Generation:
+        """Attach ``session`` to a shared generation another instance runs (or ran): follow its log,
+        and continue it here if its owner died. ProtocolError ``resume_not_found`` as for a local one."""
+        shared = self.gateway.shared
+        assert shared is not None
+        assert self._nursery is not None
+        not_found = ProtocolError(ErrorCode.RESUME_NOT_FOUND, NOT_FOUND_MESSAGE, param="resume_token",
+                                  request_id=request.id)
+        try:
+            record = await shared.lookup(request.resume_token, request.id, session.key_id)
+        except StateUnavailable:
+            raise not_found from None
+        if record is None:
+            raise not_found
+        from .gateway import RequestStats
+
+        generation = Generation(request.id, StreamSender(None, request.id), request.resume_token, session.key_id,
+                                record.client, session.conn_id, RequestStats(received_at=trio.current_time()),
+                                session)
+        self._nursery.start_soon(self._follow, generation, record, request.after)
+        self.gateway.metrics.resumes.inc()
+        log.info("request conn=%d id=%s resumed after=%d from the shared log", session.conn_id, request.id,
+                 request.after)
+        return generation
+
+    async def _follow(self, generation: Generation, record: Record, after: int) -> None:
+        """Send a followed generation's logged frames after ``after`` to its connection, until its
+        terminal event; take it over and continue it here if its owner is gone."""
+        shared = self.gateway.shared
+        session = generation.session
+        assert shared is not None
+        assert session is not None
+        assert generation.token is not None
+        token = generation.token
+        take_over = False
+        try:
+            with generation.scope:
+                while not take_over:
+                    frames = await shared.follow(token, after)
+                    for seq, frame in frames:
+                        await session.outbox.send_frame(frame)
+                        after = seq
+                        if is_terminal(frame):
+                            generation.sender.finished = True
+                            return
+                    if not frames and not await shared.owner_alive(token):
+                        take_over = await shared.take_over(token)
+            if generation.scope.cancelled_caught and generation.end_reason == "cancel":
+                # The client's cancel: the owner stops it at its next lease renewal; this connection hears it now.
+                with trio.CancelScope(shield=True), trio.move_on_after(shared.lease):
+                    await shared.request_cancel(token)
+                session.outbox.push_notice(Cancelled(generation.request_id))
+                generation.sender.finished = True
+        except StateUnavailable:
+            session.outbox.push_notice(Error(generation.request_id, ErrorCode.RESUME_NOT_FOUND,
+                                             "the shared state is unavailable: this generation cannot be followed "
+                                             "from this instance now; resume again later", "resume_token"))
+            generation.sender.finished = True
+        except Exception:
+            # A bug of ours must cost one request, not the connection or the server.
+            log.exception("request conn=%d id=%s: following it failed", session.conn_id, generation.request_id)
+            session.outbox.push_notice(Error(generation.request_id, ErrorCode.INTERNAL_ERROR,
+                                             "internal error in the gateway"))
+            generation.sender.finished = True
+        finally:
+            if not take_over and generation.session is session:
+                session.generation_ended(generation)
+        if take_over:
+            await self._continue_taken_over(generation, record, after)
+
+    async def _continue_taken_over(self, generation: Generation, record: Record, after: int) -> None:
+        """This instance now owns a generation whose owner died: continue it from its log's text."""
+        shared = self.gateway.shared
+        session = generation.session
+        assert shared is not None
+        assert generation.token is not None
+        settings = self.gateway.settings
+        try:
+            frames = await shared.read_log(generation.token, 0)
+        except StateUnavailable:
+            frames = []
+        summary = summarize(frames)
+        sender = StreamSender(None, generation.request_id, stream_buffer_bytes=settings.stream_buffer_bytes,
+                              log_bytes_limit=settings.resume_buffer_bytes, first_seq=summary.last_seq)
+        generation.sender = sender
+        generation.shared = True
+        self._by_token[generation.token] = generation
+        sender.on_log_change = lambda size: self._log_changed(generation, size)
+        shared.adopt(generation, record, summary.last_seq)
+        log.warning("request id=%s: its instance is gone; continuing it here after seq %d (%d tokens)",
+                    generation.request_id, summary.last_seq, len(summary.parts))
+        if session is not None and generation.session is session:
+            for seq, frame in frames:  # what the follow had not sent yet
+                if seq > after:
+                    await session.outbox.send_frame(frame)
+            sender.attach(session.outbox, summary.last_seq)
+            session.share(generation)
+        else:
+            shared.relay(generation)
+        if summary.terminal:
+            sender.finished = True
+            if session is not None:
+                session.generation_ended(generation)
+            return
+        generation.scope = trio.CancelScope()  # the follow's scope is spent; cancel() reaches this one
+        if not summary.continuable:
+            sender.event(Error(generation.request_id, ErrorCode.UPSTREAM_DISCONNECTED,
+                               "the instance running this generation stopped, and its answer cannot be continued "
+                               "exactly: it holds tool calls or reasoning"))
+            if session is not None:
+                session.generation_ended(generation)
+            return
+        await self._run(generation, record.request, continued=summary.parts)
+
     def connection_lost(self, generation: Generation) -> None:
-        """Its connection ended without a ``cancel``: detach it if resumable, else cancel it."""
+        """Its connection ended without a ``cancel``: detach it if resumable, else cancel it.
+
+        A shared generation's frames no connection was sent go to the shared log from now on (a
+        relay task appends them), so a resume on another instance finds them."""
         generation.session = None
         if generation.finished:
             generation.sender.detach()
+            if generation.shared and self.gateway.shared is not None:
+                self.gateway.shared.relay(generation)
             return
         if generation.token is None:
             generation.cancel("disconnect")
             return
         generation.sender.detach()
+        if generation.shared and self.gateway.shared is not None:
+            self.gateway.shared.relay(generation)
         generation.detached_at = trio.current_time()
         self._detached[generation] = None
         log.info("request conn=%d id=%s detached", generation.conn_id, generation.request_id)
@@ -204,6 +330,8 @@ class Registry:
         self._detached.pop(generation, None)
         if generation.token is not None:
             self._by_token.pop(generation.token, None)
+        if generation.shared and self.gateway.shared is not None:
+            self.gateway.shared.forget(generation)
         self.log_bytes -= generation.log_bytes
         generation.log_bytes = 0
         generation.sender.log = None  # the entries may go
@@ -224,14 +352,20 @@ class Registry:
                 self._abandon(victim)
                 self._forget(victim)
 
-    async def _run(self, generation: Generation, request: ChatRequest) -> None:
+    async def _run(self, generation: Generation, request: ChatRequest,
+                   continued: tuple[str, ...] | None = None) -> None:
         sender = generation.sender
         stats = generation.stats
         request_id = generation.request_id
         outcome, code = "aborted", None  # stays so when the server itself stops
         try:
             with generation.scope:
-                terminal = await self._generate(generation, request)
+                if continued is not None:  # taken over from a dead instance
+                    terminal = await self._generate(generation, request, continued)
+                else:
+                    if generation.token is not None and sender.encoder is None and self.gateway.shared is not None:
+                        await self._share(generation, request)
+                    terminal = await self._generate(generation, request)
                 outcome, code = ("error", terminal.code) if isinstance(terminal, Error) else ("done", None)
                 sender.event(terminal)
             if generation.scope.cancelled_caught and not sender.finished:
@@ -274,8 +408,25 @@ class Registry:
                 duration * 1000.0,
             )
 
-    async def _generate(self, generation: Generation, request: ChatRequest) -> Done | Error:
+    async def _share(self, generation: Generation, request: ChatRequest) -> None:
+        """Make a new resumable generation shared (before its first event), if the state answers."""
+        shared = self.gateway.shared
+        assert shared is not None
+        record = Record(generation.request_id, generation.key_id, generation.client, request)
+        if not await shared.register(generation, record):
+            return
+        generation.shared = True
+        if generation.session is not None:
+            generation.session.share(generation)
+        else:
+            shared.relay(generation)  # its connection was lost meanwhile
+
+    async def _generate(self, generation: Generation, request: ChatRequest,
+                        continued: tuple[str, ...] | None = None) -> Done | Error:
         try:
+            if continued is not None:
+                return await self.gateway.continue_from(request, generation.request_id, continued, generation.sender,
+                                                        generation.stats)
             return await self.gateway.generate(request, generation.request_id, generation.sender, generation.stats,
                                                resume_token=generation.token)
         except Exception:

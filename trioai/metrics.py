@@ -8,7 +8,7 @@ stays free of locks. Gauges of current state are read from the live objects at s
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Final
+from typing import Final, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
@@ -17,6 +17,18 @@ CONTENT_TYPE: Final = CONTENT_TYPE_LATEST
 
 TTFT_BUCKETS: Final = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 DURATION_BUCKETS: Final = (0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+# Issue 19: the gateway's own share of a request's start and of each token's way through it.
+REQUEST_START_BUCKETS: Final = (0.000025, 0.00005, 0.0001, 0.00015, 0.0002, 0.0003, 0.0005, 0.00075, 0.001,
+                                0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
+RELAY_BUCKETS: Final = (0.00005, 0.0001, 0.0002, 0.0003, 0.0005, 0.00075, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05,
+                        0.1)
+
+
+class UpstreamHooks(Protocol):
+    """What :meth:`Metrics.watch_upstream` sets (``upstream.Upstream``'s hooks)."""
+
+    on_request_start: Callable[[float], None] | None
+    on_relay: Callable[[float], None] | None
 
 
 class Metrics:
@@ -55,9 +67,23 @@ class Metrics:
         self.abandoned = Counter(
             "trioai_generations_abandoned", "Detached generations cancelled: window passed or memory cap", registry=r
         )
+        self.state_degraded = Gauge(
+            "trioai_state_degraded", "1 while the shared state (--redis) is unavailable and local state is used",
+            registry=r,
+        )
         self.duration = Histogram(
             "trioai_request_duration_seconds", "From receiving a request to its terminal event",
             buckets=DURATION_BUCKETS, registry=r,
+        )
+        self.request_start = Histogram(
+            "trioai_request_start_seconds",
+            "From the session taking a request to its engine request written (first attempt; admission "
+            "queueing included)", buckets=REQUEST_START_BUCKETS, registry=r,
+        )
+        self.relay = Histogram(
+            "trioai_relay_seconds",
+            "From engine bytes read to the client frame carrying them handed to the kernel (one engine read "
+            "in upstream.RELAY_SAMPLE_EVERY)", buckets=RELAY_BUCKETS, registry=r,
         )
 
     def watch(
@@ -73,6 +99,11 @@ class Metrics:
         self.streams_running.set_function(streams_running)
         self.streams_queued.set_function(streams_queued)
         self.draining.set_function(draining)
+
+    def watch_upstream(self, upstream: UpstreamHooks) -> None:
+        """Feed issue 19's histograms from an engine's client (its request-start and relay hooks)."""
+        upstream.on_request_start = self.request_start.observe
+        upstream.on_relay = self.relay.observe
 
     def request_finished(
         self, outcome: str, code: str | None, tokens: int, ttft_s: float | None, duration_s: float

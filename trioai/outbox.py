@@ -22,6 +22,17 @@ until they are sent; connection-level events (errors for bad frames, pongs) wait
 read, or reads slowly while it keeps starting generations, cannot make the server buffer without
 limit: each bound may be overshot by at most one engine delta per stream.
 
+Deltas without a writer wake-up (issue 19): the writer task costs a pass of Trio's run loop per
+frame (woken, then parked again). A connection that can write at once (:attr:`Outbox.direct`, the
+WebSocket's :meth:`~trioai.wsframing.ServerConnection.write_now`) takes a stream's deltas into its
+FIFO without waking the writer; the generation task itself writes every frame the FIFO holds, in
+order and in one system call, before it waits for the engine again (:func:`flush_deferred`, called
+by ``upstream.ChatStream``), or before it waits for room (:meth:`StreamSender.drained`). The write
+never awaits, so no cancellation can cut a frame in half: what the kernel does not take whole is
+sent by a task of the connection (``wsframing``). When the socket is busy (the writer is sending,
+or a remainder waits) or the connection is closing, the writer is woken as before. Deltas of one
+engine read still join one frame: the flush comes after the read's last chunk.
+
 Idle cost: an idle connection has no writer task and no FIFO. The first item queued calls
 ``start_writer`` (the session starts its writer task); the writer leaves when it has nothing to send
 and no generation is running (:meth:`Outbox.writer_stopped`), and the next item starts a new one.
@@ -30,6 +41,7 @@ and no generation is running (:meth:`Outbox.writer_stopped`), and the next item 
 from __future__ import annotations
 
 import collections
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final, Protocol
@@ -54,6 +66,76 @@ from .protocol import (
 DEFAULT_MAX_CONTROL: Final = 64
 
 
+class DirectWriter(Protocol):
+    """A connection that can write frames without awaiting (``wsframing.ServerConnection``)."""
+
+    def can_write_now(self) -> bool:
+        """Whether :meth:`write_now` may be called now."""
+        ...
+
+    def write_now(self, messages: list[str]) -> None:
+        """Write these text frames, in order, before any later frame."""
+        ...
+
+
+class RelaySample:
+    """One sampled engine read: when its bytes were read (``time.perf_counter``) and what to tell the
+    time it took to hand the frame carrying them to the kernel (the relay-latency histogram)."""
+
+    __slots__ = ("read_at", "observe")
+
+    def __init__(self, read_at: float, observe: Callable[[float], None]) -> None:
+        self.read_at = read_at
+        self.observe = observe
+
+    def written(self) -> None:
+        """The frame is in the kernel's hands now."""
+        self.observe(time.perf_counter() - self.read_at)
+
+
+# The relay sample on its way: armed by upstream.ChatStream when it returns the first chunk of a
+# sampled read, taken by the next put_* (called before any await), kept on the entry, and handed by
+# pop() to the write that follows it (also before any await: wsframing takes it).
+_armed: RelaySample | None = None
+_popped: RelaySample | None = None
+
+
+def arm_relay_sample(sample: RelaySample | None) -> None:
+    """The next delta queued carries ``sample`` (None: forget an armed sample no delta took)."""
+    global _armed
+    _armed = sample
+
+
+def disarm_relay_sample(sample: RelaySample) -> bool:
+    """Forget ``sample`` if no delta took it; whether it was still armed."""
+    global _armed
+    if _armed is sample:
+        _armed = None
+        return True
+    return False
+
+
+def take_relay_sample() -> RelaySample | None:
+    """The sample of the frame just popped, if it carries one (the writer calls this before writing)."""
+    global _popped
+    sample, _popped = _popped, None
+    return sample
+
+
+#: Outboxes holding deltas no writer was woken for; the task that queued them flushes them before
+#: it waits (one Trio run per thread: this list is only touched between two awaits of one task).
+_DEFERRED: list[Outbox] = []
+
+
+def flush_deferred() -> None:
+    """Send what :meth:`Outbox.defer` queued (a generation task calls this before it waits)."""
+    if _DEFERRED:
+        for outbox in _DEFERRED:
+            outbox._deferred = False
+            outbox.flush()
+        _DEFERRED.clear()
+
+
 class EventEncoder(Protocol):
     """A wire protocol other than ``/ws/chat``: turns one generation's neutral events into frames."""
 
@@ -71,11 +153,12 @@ class _Entry:
     and it takes no more deltas (a replay sends the same text with the same ``seq`` again).
     """
 
-    __slots__ = ("sender", "seq", "head", "size", "queued", "sealed", "drained")
+    __slots__ = ("sender", "seq", "head", "size", "queued", "sealed", "drained", "sample")
 
     def __init__(self, sender: StreamSender, seq: int) -> None:
         self.sender = sender
         self.seq = seq
+        self.sample: RelaySample | None = None  # a sampled engine read whose delta this entry carries
         # The frame's id and seq fields, written once: the encoders put them after "id":.
         self.head = sender.id_json + ',"seq":' + str(seq)
         self.size = 0
@@ -148,6 +231,7 @@ class _TextSlot(_Entry):
         self.sealed = False
         self.parts = []
         self.logprobs = None
+        self.sample = None
 
     def frame(self) -> str:
         parts = self.parts
@@ -247,7 +331,7 @@ class Outbox:
 
     __slots__ = ("stream_buffer_bytes", "connection_buffer_bytes", "max_control", "closing", "writer_running",
                  "queued_bytes", "_start_writer", "_items", "_control_pending", "_writer_lot", "_control_lot",
-                 "_room_lot")
+                 "_room_lot", "direct", "_deferred")
 
     def __init__(self, stream_buffer_bytes: int = 65536, max_control: int = DEFAULT_MAX_CONTROL,
                  start_writer: Callable[[], bool] | None = None,
@@ -265,6 +349,9 @@ class Outbox:
         self._writer_lot: trio.lowlevel.ParkingLot | None = None
         self._control_lot: trio.lowlevel.ParkingLot | None = None
         self._room_lot: trio.lowlevel.ParkingLot | None = None
+        # The connection, when it can write frames without awaiting (see the module doc); the session sets it.
+        self.direct: DirectWriter | None = None
+        self._deferred = False  # in _DEFERRED
 
     @property
     def full(self) -> bool:
@@ -316,11 +403,52 @@ class Outbox:
         if items is None:
             items = self._items = collections.deque()
         items.append(item)
+        self._wake()
+
+    def _wake(self) -> None:
         lot = self._writer_lot
         if lot:
             lot.unpark()
         else:
             self.ensure_writer()
+
+    def use_connection(self, connection: object) -> None:
+        """Write deltas straight to ``connection`` when it can (see the module doc): a connection with
+        ``can_write_now`` and ``write_now`` (``wsframing.ServerConnection``); others keep the writer."""
+        if callable(getattr(connection, "can_write_now", None)) and callable(getattr(connection, "write_now", None)):
+            self.direct = connection  # type: ignore[assignment]
+
+    def defer(self, item: _Entry) -> None:
+        """Queue a delta's entry; with a :attr:`direct` connection, without waking the writer: the
+        calling task sends it (:func:`flush_deferred`) before it waits."""
+        if self.direct is None or self.closing:
+            self._push(item)
+            return
+        items = self._items
+        if items is None:
+            items = self._items = collections.deque()
+        items.append(item)
+        if not self._deferred:
+            self._deferred = True
+            _DEFERRED.append(self)
+
+    def flush(self) -> None:
+        """Write every queued frame now if the connection can (in one system call), else wake the writer."""
+        items = self._items
+        if not items:
+            return
+        direct = self.direct
+        if direct is None or self.closing or not direct.can_write_now():
+            self._wake()
+            return
+        frames: list[str] = []
+        while items:
+            frame = self.pop()
+            if type(frame) is str:
+                frames.append(frame)
+            else:
+                frames.extend(frame)  # type: ignore[arg-type]  # not a CloseFrame: none is queued unless closing
+        direct.write_now(frames)  # takes the relay sample of the last entry popped, if any
 
     def ensure_writer(self) -> None:
         """Have ``start_writer`` start a writer task if frames wait and none runs.
@@ -358,6 +486,9 @@ class Outbox:
         if isinstance(item, _Entry):  # the common case first
             self.queued_bytes -= item.size
             frame = item.take()
+            if item.sample is not None:
+                global _popped
+                _popped, item.sample = item.sample, None
         elif isinstance(item, _Control):
             self.queued_bytes -= len(item.frame)
             self._control_pending -= 1
@@ -418,7 +549,7 @@ class StreamSender:
                  "encoder", "_sent")
 
     def __init__(self, outbox: Outbox | None, request_id: RequestId, *, stream_buffer_bytes: int | None = None,
-                 log_bytes_limit: int | None = None) -> None:
+                 log_bytes_limit: int | None = None, first_seq: int = 0) -> None:
         self.request_id = request_id
         self.id_json = encode_id(request_id)
         self.outbox = outbox
@@ -433,7 +564,7 @@ class StreamSender:
         self.log_bytes = 0
         self.log_bytes_limit = log_bytes_limit
         self.finished = False
-        self._seq = 0
+        self._seq = first_seq  # the seq before its first event (another instance's log went that far)
         # The stream's latest entry: only it may take more deltas (kinds never reorder).
         self._last: _Entry | None = None
         self._tokens: _TextSlot | None = None
@@ -482,7 +613,7 @@ class StreamSender:
                 slot.renew(self._seq)  # sent and kept nowhere: the per-token path reuses it
             else:
                 slot = self._tokens = _TextSlot(self, self._seq)
-            self._add(slot)
+            self._add(slot, True)
         if logprobs:
             if slot.logprobs is None:
                 slot.logprobs = []
@@ -497,7 +628,7 @@ class StreamSender:
         if slot is None or slot is not self._last or slot.sealed or slot.size >= self.stream_buffer_bytes:
             self._seq += 1
             slot = self._reasoning = _TextSlot(self, self._seq, reasoning=True)
-            self._add(slot)
+            self._add(slot, True)
         return self._grow(slot, content)
 
     def put_tool_call(self, index: int, call_id: str | None, name: str | None, arguments: str) -> bool:
@@ -511,11 +642,12 @@ class StreamSender:
                 and name is None and slot.size < self.stream_buffer_bytes):
             self._seq += 1
             slot = _ToolCallSlot(self, self._seq, index, call_id, name)
-            self._add(slot)
+            self._add(slot, True)
         return self._grow(slot, arguments)
 
-    def _add(self, entry: _Entry) -> None:
-        """Append a new entry: to the log (if resumable) and to the attached connection's FIFO."""
+    def _add(self, entry: _Entry, delta: bool = False) -> None:
+        """Append a new entry: to the log (if resumable) and to the attached connection's FIFO (a
+        ``delta``'s without waking the writer, see :meth:`Outbox.defer`)."""
         self._last = entry
         log = self.log
         if log is not None:
@@ -525,9 +657,17 @@ class StreamSender:
         if outbox is not None and not outbox.closing:
             entry.queued = True
             outbox.queued_bytes += entry.size
-            outbox._push(entry)
+            if delta:
+                outbox.defer(entry)
+            else:
+                outbox._push(entry)
 
     def _grow(self, slot: _TextSlot | _ToolCallSlot, text: str) -> bool:
+        global _armed
+        if _armed is not None:
+            if slot.sample is None:  # a joined slot keeps its oldest read
+                slot.sample = _armed
+            _armed = None
         slot.parts.append(text)
         size = len(text)
         slot.size += size
@@ -624,6 +764,7 @@ class StreamSender:
             else:
                 await trio.lowlevel.checkpoint_if_cancelled()
             return
+        outbox.flush()  # what this task queued goes out (or the writer is woken) before it waits
         slot = self._last
         if slot is not None and slot.queued and slot.size >= self.stream_buffer_bytes:
             if slot.drained is None:

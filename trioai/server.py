@@ -62,8 +62,10 @@ from .http import Response, Route, serve_http
 from .metrics import CONTENT_TYPE
 from .responses_session import ResponsesSession
 from .session import Session
+from .sharedgen import SharedGenerations
 from .singleflight import SharedCall
 from .sockets import ClientStream
+from .state import make_state
 from .transport import H11Transport
 from .upstream import Upstream
 from .wsframing import wrap_server_stream  # trio-websocket's, plus a close frame for framing violations
@@ -428,6 +430,14 @@ async def serve(
             ws_listeners = [trio.SSLListener(listener, tls, https_compatible=True) for listener in listeners]
         server = Server(gateway)
         async with trio.open_nursery() as services:
+            state = make_state(settings)
+            await services.start(state.run)
+            if settings.redis is not None:
+                gateway.rate_limiter.state = state  # per-key limits count across instances
+                await services.start(gateway.rate_limiter.run)
+                gateway.shared = SharedGenerations(state, settings)
+                await services.start(gateway.shared.run)
+            gateway.metrics.state_degraded.set_function(lambda: 0.0 if state.available else 1.0)
             await services.start(gateway.registry.run)
             await services.start(pool.run)
             services.start_soon(server.sweep)

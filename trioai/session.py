@@ -54,6 +54,8 @@ from .protocol import (
     error_from,
     parse_client_event,
 )
+from .sharedgen import frame_id, is_terminal
+from .state import StateUnavailable
 
 log = logging.getLogger("trioai.session")
 
@@ -64,6 +66,8 @@ CLOSE_POLICY_VIOLATION: Final = 1008
 #: Ids of ended generations remembered per connection, so that a ``cancel`` which crossed the
 #: terminal event on the wire is ignored instead of answered with ``unknown_id``.
 ENDED_IDS_REMEMBERED: Final = 64
+#: Frames of a connection appended to the shared log in one call at most (log, then send).
+SHARED_BATCH: Final = 64
 
 
 class Session:
@@ -71,7 +75,7 @@ class Session:
 
     __slots__ = ("ws", "gateway", "conn_id", "client", "key_id", "outbox", "active", "requests", "last_engine",
                  "draining", "_stopping", "_next_id", "_nursery", "_last_activity", "_last_ping", "_ping_in_flight",
-                 "_sending_since", "_stalled", "opened_at", "_ended")
+                 "_sending_since", "_stalled", "opened_at", "_ended", "_shared")
 
     def __init__(self, ws: WebSocketConnection, gateway: Gateway, conn_id: int, client: str = "-",
                  key_id: str | None = None) -> None:
@@ -82,7 +86,9 @@ class Session:
         self.key_id = key_id  # the API key's id, when keys are configured
         self.outbox = Outbox(gateway.settings.stream_buffer_bytes, start_writer=self._start_writer,
                              connection_buffer_bytes=gateway.settings.connection_buffer_bytes)
-        self.outbox.use_connection(ws)  # deltas written by their generation task when the socket is free
+        if gateway.shared is None:  # shared generations' frames go to the shared log first: the writer does that
+            self.outbox.use_connection(ws)  # deltas written by their generation task when the socket is free
+        self._shared: dict[str, Generation] | None = None  # shared generations by id (JSON), until their end is sent
         # The generations attached to this connection and not ended (they run in the registry).
         self.active: dict[RequestId, Generation] = {}
         self.requests = 0
@@ -223,7 +229,7 @@ class Session:
         """
         if not await self._admissible(request.id):
             return None
-        wait = self.gateway.rate_limiter.admit(self.client, trio.current_time())
+        wait = await self.gateway.rate_limiter.admit(self.client, trio.current_time())
         if wait:
             await self.refuse(
                 Error(request.id, ErrorCode.RATE_LIMITED, f"rate limit reached; retry in {wait:.1f} s",
@@ -240,7 +246,12 @@ class Session:
     async def _resume(self, request: ResumeRequest) -> None:
         if not await self._admissible(request.id):
             return
-        generation = self.gateway.registry.resume(self, request)  # ProtocolError: resume_not_found, ...
+        try:
+            generation = self.gateway.registry.resume(self, request)  # ProtocolError: resume_not_found, ...
+        except ProtocolError as exc:
+            if exc.code != ErrorCode.RESUME_NOT_FOUND or self.gateway.shared is None:
+                raise
+            generation = await self.gateway.registry.resume_shared(self, request)  # another instance's?
         if not generation.finished:
             self.active[request.id] = generation
 
@@ -257,6 +268,35 @@ class Session:
             if self.draining:
                 self.outbox.close(CLOSE_GOING_AWAY, "server shutting down")
             self.outbox.wake_writer()  # it may leave now
+
+    def share(self, generation: Generation) -> None:
+        """``generation`` is shared: its frames go to the shared log before they are sent (log, then send)."""
+        if self._shared is None:
+            self._shared = {}
+        self._shared[generation.sender.id_json] = generation
+
+    async def _log_shared(self, batch: list[str | list[str] | CloseFrame]) -> list[str | list[str] | CloseFrame]:
+        """Append the frames of shared generations in ``batch`` to the shared log; the batch to send
+        (without the frames of a generation this instance lost to another)."""
+        shared = self.gateway.shared
+        table = self._shared
+        assert shared is not None
+        assert table is not None
+        groups: dict[Generation, list[str]] = {}
+        for item in batch:
+            if type(item) is str:
+                key = frame_id(item)
+                generation = table.get(key) if key is not None else None
+                if generation is not None:
+                    groups.setdefault(generation, []).append(item)
+                    if is_terminal(item):
+                        del table[key]  # type: ignore[arg-type]
+        lost: set[str] = set()
+        for generation, frames in groups.items():
+            if not await shared.append(generation, frames):
+                lost.update(frames)
+                generation.cancel("disconnect")
+        return [item for item in batch if not (type(item) is str and item in lost)] if lost else batch
 
     def taken_over(self, generation: Generation) -> None:
         """Another connection resumed ``generation``: it is no longer ours (the registry calls this)."""
@@ -290,7 +330,12 @@ class Session:
         self.gateway.metrics.cancels.inc()
         if request.resume_token is not None:
             assert request_id is not None
-            generation = self.gateway.registry.find(request_id, request.resume_token, self.key_id)
+            try:
+                generation = self.gateway.registry.find(request_id, request.resume_token, self.key_id)
+            except ProtocolError:
+                if self.gateway.shared is None or not await self._cancel_shared(request_id, request.resume_token):
+                    raise
+                return
             if generation.finished:
                 if generation.session is not self:  # the attached one has its terminal event already
                     await self.outbox.send_control(Error(
@@ -319,6 +364,19 @@ class Session:
             )
             return
         found.cancel()
+
+    async def _cancel_shared(self, request_id: RequestId, token: str) -> bool:
+        """Cancel a generation another instance runs, through the shared state (False: unknown)."""
+        shared = self.gateway.shared
+        assert shared is not None
+        try:
+            if await shared.lookup(token, request_id, self.key_id) is None:
+                return False
+            await shared.request_cancel(token)
+        except StateUnavailable:
+            return False
+        await self.outbox.send_control(Cancelled(request_id))
+        return True
 
     async def close_now(self, code: int, reason: str) -> None:
         """Best-effort close frame on a connection being torn down (a stalled client: 1008; a bug: 1011).
@@ -367,19 +425,28 @@ class Session:
                         return  # nothing to send and nothing running: the next frame starts a writer
                     await outbox.wait()
                     continue
-                if isinstance(frame, CloseFrame):
-                    with trio.move_on_after(self.gateway.settings.close_timeout):
-                        await ws.aclose(frame.code, frame.reason)
-                    session_scope.cancel()
-                    return
-                # No cancel scope per frame: tick() enforces the send timeout from this timestamp.
-                self._sending_since = trio.current_time()
-                if type(frame) is str:
-                    await ws.send_message(frame)
-                else:
-                    for part in frame:  # another wire protocol's frames for one event
-                        await ws.send_message(part)
-                self._sending_since = None
+                batch: list[str | list[str] | CloseFrame] = [frame]
+                if self._shared:  # log, then send: every frame waiting goes to the shared log in one call
+                    while len(batch) < SHARED_BATCH and not isinstance(batch[-1], CloseFrame):
+                        more = outbox.pop()
+                        if more is None:
+                            break
+                        batch.append(more)
+                    batch = await self._log_shared(batch)
+                for frame in batch:
+                    if isinstance(frame, CloseFrame):
+                        with trio.move_on_after(self.gateway.settings.close_timeout):
+                            await ws.aclose(frame.code, frame.reason)
+                        session_scope.cancel()
+                        return
+                    # No cancel scope per frame: tick() enforces the send timeout from this timestamp.
+                    self._sending_since = trio.current_time()
+                    if type(frame) is str:
+                        await ws.send_message(frame)
+                    else:
+                        for part in frame:  # another wire protocol's frames for one event
+                            await ws.send_message(part)
+                    self._sending_since = None
         except ConnectionClosed:
             # The client is gone: stop the receive loop and every generation with it.
             session_scope.cancel()

@@ -20,11 +20,14 @@ the whole stream with one cancel scope (``upstream.ChatStream``) instead of one 
 
 from __future__ import annotations
 
+import errno
 import functools
 import ipaddress
 import math
+import os
 import socket as stdlib_socket
 import ssl
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Final, cast
 
@@ -35,14 +38,17 @@ import trio
 from .sockets import read_socket, write_socket
 
 READ_SIZE: Final = 65536
+_perf_counter = time.perf_counter
 # Below uvicorn's (so vLLM's) 5 s keep-alive timeout: never reuse a connection the engine is closing.
 DEFAULT_KEEPALIVE_EXPIRY: Final = 4.0
+#: A request extension: a callable run once the request's bytes are written (before the answer).
+REQUEST_WRITTEN: Final = "trioai.request_written"
 
 
 class _Connection:
     """One HTTP/1.1 connection: the byte stream, its socket and h11's state."""
 
-    __slots__ = ("origin", "stream", "socket", "receive", "send", "h11", "idle_since")
+    __slots__ = ("origin", "stream", "socket", "receive", "send", "h11", "idle_since", "read_at", "connecting")
 
     def __init__(self, origin: tuple[bytes, bytes, int], stream: trio.abc.Stream, socket: trio.socket.SocketType):
         self.origin = origin
@@ -58,6 +64,10 @@ class _Connection:
         )
         self.h11 = h11.Connection(h11.CLIENT)
         self.idle_since = 0.0
+        self.read_at = 0.0  # time.perf_counter() of the latest socket read (relay-latency samples)
+        # The TCP connect was started but not seen to complete: the request's write waits for it, and
+        # an error or timeout there is the connect's (see _connect_tcp).
+        self.connecting = False
 
     def close(self) -> None:
         """Close at once (no TLS close_notify): synchronous, so it is safe in ``finally`` and when cancelled."""
@@ -128,12 +138,15 @@ class H11Transport(httpx.AsyncBaseTransport):
         if conn is None:
             conn = await self._open(request, origin, timeouts)
         try:
-            await self._send_request(conn, request, timeouts.get("write"))
+            await self._send_request(conn, request, timeouts.get("connect" if conn.connecting else "write"))
+            written = request.extensions.get(REQUEST_WRITTEN)
+            if written is not None:
+                written()
             head = await self._receive_head(conn, request, timeouts.get("read"))
         except BaseException:
             self._discard(conn)
             raise
-        body = _ResponseBody(self, conn, request, timeouts.get("read"))
+        body = ResponseBody(self, conn, request, timeouts.get("read"))
         return httpx.Response(
             status_code=head.status_code,
             headers=head.headers,
@@ -162,16 +175,22 @@ class H11Transport(httpx.AsyncBaseTransport):
 
     async def _open(self, request: httpx.Request, origin: tuple[bytes, bytes, int],
                     timeouts: dict[str, float | None]) -> _Connection:
-        pool_timeout = timeouts.get("pool")
-        with trio.move_on_after(_seconds(pool_timeout)) as waiting:
-            await self._slots.acquire()
-        if waiting.cancelled_caught:
-            raise httpx.PoolTimeout("no connection to the engine became free in time", request=request)
+        # A free slot is taken without a schedule point: in a burst of new requests, each yield here
+        # would make every request wait for a pass over all the others before it is sent.
         try:
+            self._slots.acquire_nowait()
+        except trio.WouldBlock:
+            with trio.move_on_after(_seconds(timeouts.get("pool"))) as waiting:
+                await self._slots.acquire()
+            if waiting.cancelled_caught:
+                raise httpx.PoolTimeout("no connection to the engine became free in time", request=request) from None
+        try:
+            await trio.lowlevel.checkpoint_if_cancelled()
             scheme, host, port = origin
             with trio.move_on_after(_seconds(timeouts.get("connect"))) as connecting:
                 try:
-                    tcp = await _connect_tcp(host.decode("ascii"), port)
+                    # Plain HTTP to an address: the request is written while the connection completes.
+                    tcp, pending = await _connect_tcp(host.decode("ascii"), port, wait=scheme == b"https")
                 except OSError as exc:
                     raise httpx.ConnectError(str(exc) or type(exc).__name__, request=request) from exc
                 stream: trio.abc.Stream = tcp
@@ -186,7 +205,9 @@ class H11Transport(httpx.AsyncBaseTransport):
                     stream = tls
             if connecting.cancelled_caught:
                 raise httpx.ConnectTimeout("connecting to the engine timed out", request=request)
-            return _Connection(origin, stream, tcp.socket)
+            conn = _Connection(origin, stream, tcp.socket)
+            conn.connecting = pending
+            return conn
         except BaseException:
             self._slots.release()
             raise
@@ -202,9 +223,15 @@ class H11Transport(httpx.AsyncBaseTransport):
             try:
                 await conn.send(b"".join(p for p in parts if p))
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                if conn.connecting:  # the connect failed (refused, unreachable): say so, as before
+                    cause = exc.__cause__ or exc
+                    raise httpx.ConnectError(str(cause) or type(cause).__name__, request=request) from exc
                 raise httpx.WriteError(f"sending to the engine failed: {exc}", request=request) from exc
         if writing.cancelled_caught:
+            if conn.connecting:
+                raise httpx.ConnectTimeout("connecting to the engine timed out", request=request)
             raise httpx.WriteTimeout("sending to the engine timed out", request=request)
+        conn.connecting = False
 
     async def _receive_head(self, conn: _Connection, request: httpx.Request,
                             read_timeout: float | None) -> h11.Response:
@@ -235,7 +262,7 @@ class H11Transport(httpx.AsyncBaseTransport):
         self._slots.release()
 
 
-class _ResponseBody(httpx.AsyncByteStream):
+class ResponseBody(httpx.AsyncByteStream):
     """A response body as it arrives; closing it early closes the connection."""
 
     def __init__(self, transport: H11Transport, conn: _Connection, request: httpx.Request,
@@ -247,27 +274,37 @@ class _ResponseBody(httpx.AsyncByteStream):
         self._complete = False
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
+        while (data := await self.next_data()) is not None:
+            yield data
+
+    async def next_data(self) -> bytes | None:
+        """The body's next bytes as they arrive, None at its end: what iterating yields, as a plain
+        coroutine (``upstream.ChatStream`` calls it per engine read, without two generator layers)."""
         conn = self._conn
-        if conn is None:
+        if conn is None or self._complete:
+            if self._complete:
+                return None
             raise httpx.StreamClosed()
         request = self._request
         timeout = self._read_timeout
-        while True:
-            if timeout is None:
+        if timeout is None:
+            event = await _next_event(conn, request)
+        else:
+            with trio.move_on_after(timeout) as reading:
                 event = await _next_event(conn, request)
-            else:
-                with trio.move_on_after(timeout) as reading:
-                    event = await _next_event(conn, request)
-                if reading.cancelled_caught:
-                    raise httpx.ReadTimeout("the engine sent nothing in time", request=request)
-            if type(event) is h11.Data:
-                yield bytes(event.data)
-            elif type(event) is h11.EndOfMessage:
-                self._complete = True
-                return
-            else:
-                raise httpx.RemoteProtocolError(f"unexpected {type(event).__name__} in the response body",
-                                                request=request)
+            if reading.cancelled_caught:
+                raise httpx.ReadTimeout("the engine sent nothing in time", request=request)
+        if type(event) is h11.Data:
+            return bytes(event.data)
+        if type(event) is h11.EndOfMessage:
+            self._complete = True
+            return None
+        raise httpx.RemoteProtocolError(f"unexpected {type(event).__name__} in the response body", request=request)
+
+    @property
+    def read_at(self) -> float | None:
+        """``time.perf_counter()`` of the latest read of this response's bytes from the socket."""
+        return self._conn.read_at if self._conn is not None else None
 
     async def aclose(self) -> None:
         """Give the connection back to the pool if the body was read to its end; else close it."""
@@ -284,31 +321,49 @@ async def _next_event(conn: _Connection, request: httpx.Request) -> object:
             event = conn.h11.next_event()
             if event is not h11.NEED_DATA:
                 return event
-            conn.h11.receive_data(cast(bytes, await conn.receive(READ_SIZE)))
+            data = await conn.receive(READ_SIZE)
+            conn.read_at = _perf_counter()
+            conn.h11.receive_data(cast(bytes, data))
     except h11.RemoteProtocolError as exc:
         raise httpx.RemoteProtocolError(str(exc), request=request) from exc
     except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
         raise httpx.ReadError(f"reading from the engine failed: {exc}", request=request) from exc
 
 
-async def _connect_tcp(host: str, port: int) -> trio.SocketStream:
-    """A TCP connection to ``host``; for an IP address (the usual engine URL) one plain connect.
+async def _connect_tcp(host: str, port: int, *, wait: bool = True) -> tuple[trio.SocketStream, bool]:
+    """A TCP connection to ``host``, and whether it may still be completing; for an IP address (the
+    usual engine URL) one plain connect.
 
     ``trio.open_tcp_stream`` resolves the name and races the addresses it finds (happy eyeballs)
     in a nursery of its own; for a single literal address that is half the CPU of a new engine
-    connection, which a burst of new requests pays one after another.
+    connection, which a burst of new requests pays one after another. Without ``wait`` the connect
+    is only started (a non-blocking ``connect`` says ``EINPROGRESS`` even on loopback, where the
+    handshake is in fact done by then): the first write waits until the socket is writable, and
+    fails with the connect's error if it failed, so a new connection costs no schedule point.
     """
     try:
         family = stdlib_socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else stdlib_socket.AF_INET
     except ValueError:
-        return await trio.open_tcp_stream(host, port)
+        return await trio.open_tcp_stream(host, port), False
+    if not wait:
+        raw = stdlib_socket.socket(family, stdlib_socket.SOCK_STREAM)
+        try:
+            raw.setblocking(False)
+            code = raw.connect_ex((host, port))
+            if code not in (0, errno.EINPROGRESS):
+                raise OSError(code, f"Error connecting to {(host, port)!r}: {os.strerror(code)}")
+            await trio.lowlevel.checkpoint_if_cancelled()
+        except BaseException:
+            raw.close()
+            raise
+        return trio.SocketStream(trio.socket.from_stdlib_socket(raw)), code != 0
     sock = trio.socket.socket(family, stdlib_socket.SOCK_STREAM)
     try:
         await sock.connect((host, port))
     except BaseException:
         sock.close()
         raise
-    return trio.SocketStream(sock)
+    return trio.SocketStream(sock), False
 
 
 def _seconds(timeout: float | None) -> float:

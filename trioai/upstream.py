@@ -30,7 +30,8 @@ import json
 import logging
 import math
 import re
-from collections.abc import AsyncIterator, Iterator
+import time
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from typing import Any, Final
 
@@ -39,9 +40,10 @@ import trio
 
 from . import __version__
 from .errors import ErrorCode, UpstreamError
+from .outbox import RelaySample, arm_relay_sample, disarm_relay_sample, flush_deferred
 from .protocol import dumps
 from .sse import DONE, Chunk, SSEDecoder, encodable, parse_chunk
-from .transport import H11Transport
+from .transport import REQUEST_WRITTEN, H11Transport, ResponseBody
 
 log = logging.getLogger("trioai.upstream")
 
@@ -60,6 +62,9 @@ FINISH_TIMEOUT: Final = 0.5
 FINISH_LIMIT: Final = 64 * 1024
 MODELS_TIMEOUT: Final = 10.0
 PROBE_MAX_CONNECTIONS: Final = 2
+#: One engine read in this many is timed through the gateway (``Upstream.on_relay``): a clock read
+#: and a histogram update are cheap, but not free on the per-token path.
+RELAY_SAMPLE_EVERY: Final = 16
 # Beyond this a Retry-After is taken to mean "much later", not the engine's exact wish.
 MAX_RETRY_AFTER: Final = 3600.0
 # RFC 9110 delay-seconds (digits), with a fraction tolerated; not inf, nan, 1e9, -5 or an HTTP date.
@@ -88,6 +93,18 @@ def map_httpx_errors(phase: str) -> Iterator[None]:
         raise upstream_error(exc, phase) from exc
 
 
+def _iterator_reader(parts: AsyncIterator[bytes]) -> Callable[[], Awaitable[bytes | None]]:
+    """``next_data`` for a body read through httpx's iterator: its next part, None at the end."""
+
+    async def next_data() -> bytes | None:
+        try:
+            return await parts.__anext__()
+        except StopAsyncIteration:
+            return None
+
+    return next_data
+
+
 class ChatStream:
     """The chunks of one streaming chat completion, read with the server's timeouts.
 
@@ -101,9 +118,17 @@ class ChatStream:
     """
 
     def __init__(self, response: httpx.Response, decoder: SSEDecoder, first_token_timeout: float,
-                 token_timeout: float) -> None:
+                 token_timeout: float, on_relay: Callable[[float], None] | None = None) -> None:
         self._response = response
-        self._raw = response.aiter_raw()
+        # H11Transport's body is read per engine read by a plain coroutine; another transport's
+        # through httpx's iterator.
+        body = response.stream
+        self._parts: AsyncGenerator[bytes, None] | None = None
+        if isinstance(body, ResponseBody):
+            self._next_data: Callable[[], Awaitable[bytes | None]] = body.next_data
+        else:
+            self._parts = parts = response.aiter_raw()  # type: ignore[assignment]
+            self._next_data = _iterator_reader(parts)
         self._decoder = decoder
         self._pending: collections.deque[Chunk] = collections.deque()
         self._deadline = trio.current_time() + first_token_timeout
@@ -111,6 +136,10 @@ class ChatStream:
         self._token_timeout = token_timeout
         self.first = True
         self._done = False
+        # Relay-latency sampling (outbox.RelaySample): every RELAY_SAMPLE_EVERY-th read is timed.
+        self._on_relay = on_relay
+        self._reads = 0
+        self._sample: RelaySample | None = None  # of the read whose chunks are being returned
 
     def __aiter__(self) -> ChatStream:
         return self
@@ -118,14 +147,26 @@ class ChatStream:
     async def __anext__(self) -> Chunk:
         pending = self._pending
         while not pending:
+            # The frames the previous chunks queued go out before this task waits (outbox.py).
+            flush_deferred()
+            if self._sample is not None:
+                if disarm_relay_sample(self._sample):  # no delta took it (a role-only chunk): time the next read
+                    self._reads = 0
+                self._sample = None
             if self._done:
                 raise StopAsyncIteration
             try:
-                data = await self._raw.__anext__()
-            except StopAsyncIteration:
-                raise UpstreamError(ErrorCode.UPSTREAM_DISCONNECTED, "engine ended the stream without [DONE]") from None
+                data = await self._next_data()
             except httpx.HTTPError as exc:
                 raise upstream_error(exc, "stream") from exc
+            if data is None:
+                raise UpstreamError(ErrorCode.UPSTREAM_DISCONNECTED, "engine ended the stream without [DONE]")
+            if self._on_relay is not None:
+                self._reads += 1
+                if self._reads % RELAY_SAMPLE_EVERY == 1:  # the first read with a delta, then one in N
+                    # From the socket read itself when the transport says when it was (H11Transport).
+                    read_at = getattr(self._response.stream, "read_at", None) or time.perf_counter()
+                    self._sample = RelaySample(read_at, self._on_relay)
             progressed = False
             for event in self._decoder.feed(data):
                 chunk = parse_chunk(event)
@@ -144,6 +185,8 @@ class ChatStream:
                 if self.first or limit > self._deadline:
                     self._deadline = self.timer.deadline = limit + self._token_timeout / 8
                     self.first = False
+            if self._sample is not None:
+                arm_relay_sample(self._sample)  # the next delta queued carries it (outbox.py)
         return pending.popleft()
 
     @property
@@ -161,7 +204,7 @@ class ChatStream:
         body = b""
         with trio.move_on_after(seconds):
             try:
-                async for part in self._raw:
+                while (part := await self._next_data()) is not None:
                     body += part
                     if len(body) >= limit:
                         break
@@ -181,7 +224,8 @@ class ChatStream:
     async def aclose(self) -> None:
         """Stop reading and close the HTTP response (and with it, an unfinished request)."""
         try:
-            await self._raw.aclose()  # type: ignore[attr-defined]
+            if self._parts is not None:
+                await self._parts.aclose()
         finally:
             await self._response.aclose()
 
@@ -211,6 +255,11 @@ class Upstream:
         if api_key:
             headers["authorization"] = f"Bearer {api_key}"
         self.transport = transport or H11Transport(max_connections=max_connections)
+        # Issue 19's histograms (the gateway sets them to its metrics' observe): seconds from a
+        # request's start (``stream_chat``'s ``started_at``) to its engine request written, and
+        # from a sampled engine read to the frame carrying it handed to the kernel.
+        self.on_request_start: Callable[[float], None] | None = None
+        self.on_relay: Callable[[float], None] | None = None
         # Read timeouts are ours (first/next token); httpx's would count keep-alive comments.
         timeout = httpx.Timeout(connect=connect_timeout, read=None, write=connect_timeout, pool=connect_timeout)
         self._probes = httpx.AsyncClient(
@@ -259,8 +308,12 @@ class Upstream:
         return True
 
     @asynccontextmanager
-    async def stream_chat(self, payload: dict[str, Any]) -> AsyncIterator[ChatStream]:
+    async def stream_chat(self, payload: dict[str, Any], *, started_at: float | None = None
+                          ) -> AsyncIterator[ChatStream]:
         """POST a streaming chat completion; yield its chunks; close the response on exit.
+
+        ``started_at`` (``trio.current_time()`` when the request was taken): once the request's
+        bytes are written to the engine, :attr:`on_request_start` is told the seconds since.
 
         The request goes straight to the transport (httpx's transport API) rather than through
         ``AsyncClient.send``: a chat request needs none of the client's layers (URL merging, auth
@@ -268,15 +321,20 @@ class Upstream:
         its users), and they were about a fifth of the CPU of starting one (``docs/benchmarks.md``).
         """
         body = {**payload, "stream": True, "stream_options": {"include_usage": True}}
+        extensions: dict[str, Any] = self._chat_extensions
+        hook = self.on_request_start
+        if started_at is not None and hook is not None:
+            extensions = {**extensions, REQUEST_WRITTEN: lambda: hook(trio.current_time() - started_at)}
         request = httpx.Request(
-            "POST", self._chat_url, headers=self._chat_headers, extensions=self._chat_extensions,
+            "POST", self._chat_url, headers=self._chat_headers, extensions=extensions,
             content=dumps(body).encode(),
         )
         with trio.move_on_after(self.first_token_timeout) as scope, map_httpx_errors("sending the request"):
             response = await self.transport.handle_async_request(request)
         if scope.cancelled_caught:
             raise UpstreamError(ErrorCode.UPSTREAM_TIMEOUT, "engine did not answer in time", retryable=True)
-        stream = ChatStream(response, SSEDecoder(self.max_line_bytes), self.first_token_timeout, self.token_timeout)
+        stream = ChatStream(response, SSEDecoder(self.max_line_bytes), self.first_token_timeout, self.token_timeout,
+                            self.on_relay)
         try:
             if response.status_code != 200:
                 error_body = await stream.read_rest(ERROR_BODY_LIMIT, MODELS_TIMEOUT)

@@ -1,0 +1,79 @@
+"""A real redis-server for tests: Debian's, on a free port of 127.0.0.1, in a temporary directory,
+persisting nothing. Missing, it fails the test (scripts/test installs it); it never skips."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+from functools import partial
+from pathlib import Path
+
+import pytest
+import trio
+
+
+def redis_binary() -> str:
+    """The redis-server executable, or fail the test saying how to get it."""
+    path = shutil.which("redis-server") or ("/usr/bin/redis-server" if Path("/usr/bin/redis-server").exists() else None)
+    if path is None:
+        pytest.fail("redis-server is not installed: run scripts/test, which installs Debian's redis-server "
+                    "(or `apt-get install redis-server`)")
+    return path
+
+
+def free_port() -> int:
+    """A TCP port of 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+class RedisServer:
+    """One redis-server process that a test can stop and start again on the same port."""
+
+    def __init__(self, nursery: trio.Nursery, directory: Path) -> None:
+        self.nursery = nursery
+        self.directory = directory
+        self.binary = redis_binary()
+        self.port = free_port()
+        self.process: trio.Process | None = None
+
+    @property
+    def url(self) -> str:
+        """Its ``redis://`` URL."""
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    @property
+    def unix_url(self) -> str:
+        """Its ``unix://`` URL (it listens on a Unix socket in its directory too)."""
+        return f"unix://{self.directory / 'redis.sock'}"
+
+    async def start(self) -> None:
+        """Start it and wait until it accepts connections (10 s at most)."""
+        command = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                   "--dir", str(self.directory), "--logfile", str(self.directory / "redis.log"),
+                   "--unixsocket", str(self.directory / "redis.sock")]
+        self.process = await self.nursery.start(partial(trio.run_process, command, check=False,
+                                                        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL))
+        with trio.fail_after(10):
+            while True:
+                if self.process.returncode is not None:
+                    log = (self.directory / "redis.log").read_text(errors="replace")[-2000:]
+                    pytest.fail(f"redis-server exited with {self.process.returncode}:\n{log}")
+                try:
+                    stream = await trio.open_tcp_stream("127.0.0.1", self.port)
+                except OSError:
+                    await trio.sleep(0.02)
+                    continue
+                await stream.aclose()
+                return
+
+    async def stop(self) -> None:
+        """Kill it (as a crash would) and wait until it is gone."""
+        process, self.process = self.process, None
+        if process is not None and process.returncode is None:
+            process.kill()
+            with trio.fail_after(10):
+                await process.wait()

@@ -1,0 +1,491 @@
+"""Shared state in Redis (or Valkey): :class:`trioai.state.State` for several trioai instances.
+
+The client is coredis, which runs on Trio through AnyIO. Every primitive that reads and writes is
+one Lua script, so it is atomic, and uses Redis's clock (``TIME``), so instances need not agree on
+the time. Keys start with a prefix (``trioai:``); a pool, a queue or a log name goes inside a
+Cluster hash tag (``{name}``), so the keys of one name live on one Cluster node, and a pool and a
+queue of the same name share one (:meth:`RedisState.acquire_slot` with ``queue`` touches both).
+
+Event logs are Redis Streams: the entry of ``seq`` N has the id ``N-0`` and its frame in field
+``f``; ``XADD … MAXLEN ~`` bounds them and each append sets the expiry; ``XREAD BLOCK`` follows.
+
+Degraded mode: every call is bounded by ``timeout`` (the server's choice); a call that fails or
+times out raises :class:`~trioai.state.StateUnavailable`, and for ``retry_interval`` after that
+every call raises it at once, without waiting on the network, until one call (alone) finds Redis
+back. The change each way is logged once, not per call. Nothing here hangs and nothing crashes
+the server: :meth:`RedisState.run` keeps the client open and reopens it if it fails.
+
+Resource handling: :meth:`RedisState.run` is a service task (``await nursery.start(state.run)``):
+it owns the client and its connections, closed when it is cancelled. Calls before it started, or
+between two openings, raise ``StateUnavailable``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import urllib.parse
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Final, TypeVar
+
+import coredis
+import coredis.exceptions
+import trio
+from coredis.response.types import StreamEntry
+
+from .config import ConfigError
+from .state import WINDOW, LogEntry, StateUnavailable, Take
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+SCHEMES: Final = ("redis", "rediss", "unix")
+#: Seconds a call may take by default (a blocking follow adds its own wait).
+DEFAULT_TIMEOUT: Final = 1.0
+#: Seconds every call fails at once after a failure, before one call tries Redis again.
+DEFAULT_RETRY_INTERVAL: Final = 1.0
+
+# -- Lua scripts: one round trip each, atomic; times in milliseconds from Redis's clock ------------
+
+_NOW: Final = "local t = redis.call('TIME')\n"
+
+# KEYS: buckets. ARGV: window, then per bucket: per_minute, amount, need, debit.
+_TAKE: Final = _NOW + """
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local window = tonumber(ARGV[1])
+local levels, wait = {}, 0
+for i, key in ipairs(KEYS) do
+  local b = 1 + (i - 1) * 4
+  local cap = tonumber(ARGV[b + 1])
+  local rate = cap / window
+  local level = cap
+  local saved = redis.call('HMGET', key, 'level', 'updated')
+  if saved[1] then level = math.min(cap, tonumber(saved[1]) + (now - tonumber(saved[2])) * rate) end
+  level = level - tonumber(ARGV[b + 4])
+  local need = tonumber(ARGV[b + 3])
+  if level < need then wait = math.max(wait, (need - level) / rate) end
+  levels[i] = level
+end
+for i, key in ipairs(KEYS) do
+  local b = 1 + (i - 1) * 4
+  local cap, amount, debit = tonumber(ARGV[b + 1]), tonumber(ARGV[b + 2]), tonumber(ARGV[b + 4])
+  local level = levels[i]
+  if wait == 0 then level = level - amount end
+  if debit ~= 0 or (wait == 0 and amount ~= 0) then
+    redis.call('HSET', key, 'level', tostring(level), 'updated', tostring(now))
+    -- gone when full again: a missing bucket is a full one
+    redis.call('PEXPIRE', key, math.ceil((cap - level) / (cap / window) * 1000) + 1000)
+  end
+end
+return tostring(wait)
+"""
+
+# KEYS[1]: lease. ARGV: owner, ttl_ms.
+_ACQUIRE_LEASE: Final = """
+local cur = redis.call('GET', KEYS[1])
+if cur and cur ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return 1
+"""
+_RENEW_LEASE: Final = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return 0
+"""
+_RELEASE_LEASE: Final = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+# KEYS[1]: stream. ARGV: ttl_ms, maxlen, then seq, frame pairs.
+_APPEND: Final = """
+if #ARGV > 2 then
+  local last = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
+  if last[1] and tonumber(ARGV[3]) <= tonumber(string.match(last[1][1], '^(%d+)')) then return 0 end
+  for i = 3, #ARGV, 2 do
+    redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], ARGV[i] .. '-0', 'f', ARGV[i + 1])
+  end
+end
+redis.call('PEXPIRE', KEYS[1], ARGV[1])
+return 1
+"""
+
+# Shared by the slot and queue scripts: drop what expired, extend a key's expiry (never shorten it).
+_HELPERS: Final = _NOW + """
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local function extend(key, ms)
+  if redis.call('PTTL', key) < ms then redis.call('PEXPIRE', key, ms) end
+end
+local function prune_queue(q, due)
+  for _, waiter in ipairs(redis.call('ZRANGEBYSCORE', due, '-inf', now)) do redis.call('ZREM', q, waiter) end
+  redis.call('ZREMRANGEBYSCORE', due, '-inf', now)
+end
+"""
+
+# KEYS: slots, queue, queue deadlines. ARGV: capacity, holder, ttl_ms, use_queue (0/1).
+_ACQUIRE_SLOT: Final = _HELPERS + """
+local ttl = tonumber(ARGV[3])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+if not redis.call('ZSCORE', KEYS[1], ARGV[2]) then
+  local free = tonumber(ARGV[1]) - redis.call('ZCARD', KEYS[1])
+  if free <= 0 then return 0 end
+  if ARGV[4] == '1' then
+    prune_queue(KEYS[2], KEYS[3])
+    local rank = redis.call('ZRANK', KEYS[2], ARGV[2])
+    if rank then
+      if rank >= free then return 0 end
+      redis.call('ZREM', KEYS[2], ARGV[2])
+      redis.call('ZREM', KEYS[3], ARGV[2])
+    elseif redis.call('ZCARD', KEYS[2]) >= free then
+      return 0
+    end
+  end
+end
+redis.call('ZADD', KEYS[1], now + ttl, ARGV[2])
+extend(KEYS[1], ttl)
+return 1
+"""
+# KEYS[1]: slots. ARGV: holder, ttl_ms.
+_RENEW_SLOT: Final = _HELPERS + """
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+if not redis.call('ZSCORE', KEYS[1], ARGV[1]) then return 0 end
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
+extend(KEYS[1], tonumber(ARGV[2]))
+return 1
+"""
+_SLOTS_HELD: Final = _HELPERS + """
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+return redis.call('ZCARD', KEYS[1])
+"""
+
+# KEYS: queue (score: ticket), deadlines (score: ms), next ticket. ARGV: waiter, ttl_ms, join (0/1).
+_QUEUE_POSITION: Final = _HELPERS + """
+local ttl = tonumber(ARGV[2])
+prune_queue(KEYS[1], KEYS[2])
+if not redis.call('ZSCORE', KEYS[1], ARGV[1]) then
+  if ARGV[3] ~= '1' then return -1 end
+  redis.call('ZADD', KEYS[1], redis.call('INCR', KEYS[3]), ARGV[1])
+end
+redis.call('ZADD', KEYS[2], now + ttl, ARGV[1])
+for _, key in ipairs(KEYS) do extend(key, ttl) end
+return redis.call('ZRANK', KEYS[1], ARGV[1]) + 1
+"""
+# KEYS: queue, deadlines.
+_QUEUE_LENGTH: Final = _HELPERS + """
+prune_queue(KEYS[1], KEYS[2])
+return redis.call('ZCARD', KEYS[1])
+"""
+
+
+def _ms(seconds: float) -> int:
+    return max(1, math.ceil(seconds * 1000))
+
+
+def redact(url: str) -> str:
+    """``url`` without its password, for messages and logs."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)[1]
+    user = parts.username or ""
+    return urllib.parse.urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
+
+
+def check_redis_url(url: str) -> None:
+    """Raise :class:`ConfigError` unless ``url`` has the form of a Redis URL (no I/O)."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        parts.port  # noqa: B018 -- raises ValueError for a port that is not a number
+    except ValueError as exc:
+        raise ConfigError(f"--redis {redact(url)!r}: {exc}") from None
+    if parts.scheme not in SCHEMES:
+        raise ConfigError(f"--redis {redact(url)!r}: the URL must start with redis://, rediss:// or unix://")
+    if parts.scheme == "unix":
+        if not parts.path:
+            raise ConfigError(f"--redis {redact(url)!r}: a unix:// URL needs the socket's path")
+        return
+    if not parts.hostname:
+        raise ConfigError(f"--redis {redact(url)!r}: the URL needs a host")
+    database = parts.path.strip("/")
+    if database and not database.isdigit():
+        raise ConfigError(f"--redis {redact(url)!r}: the path must be a database number, not {database!r}")
+
+
+async def check_redis(url: str, seconds: float = 5.0) -> None:
+    """Raise :class:`ConfigError` with the reason unless a Redis answers ``PING`` at ``url``
+    within ``seconds``: call it at start, so a wrong ``--redis`` stops the server at once."""
+    check_redis_url(url)
+    timeout = seconds
+    client = _client(url, timeout)
+    reason = ""
+    try:
+        async with client:
+            with trio.fail_after(timeout):
+                await client.ping()
+            return
+    except* trio.TooSlowError:
+        reason = f"no answer within {timeout:g} s"
+    except* (coredis.exceptions.RedisError, OSError, ValueError, AssertionError) as group:
+        reason = str(_first_leaf(group)) or type(_first_leaf(group)).__name__
+    raise ConfigError(f"--redis {redact(url)}: cannot use this Redis: {reason}")
+
+
+def _first_leaf(group: BaseExceptionGroup[Exception]) -> Exception:
+    leaf: Exception | BaseExceptionGroup[Exception] = group
+    while isinstance(leaf, BaseExceptionGroup):
+        leaf = leaf.exceptions[0]
+    return leaf
+
+
+def _client(url: str, timeout: float, max_connections: int = 64) -> coredis.Redis[str]:
+    return coredis.Redis.from_url(url, decode_responses=True, connect_timeout=timeout,
+                                  max_connections=max_connections)
+
+
+class RedisState:
+    """:class:`trioai.state.State` in Redis at ``url`` (see the module docstring)."""
+
+    def __init__(self, url: str, *, timeout: float = DEFAULT_TIMEOUT,
+                 retry_interval: float = DEFAULT_RETRY_INTERVAL, prefix: str = "trioai:",
+                 max_connections: int = 64) -> None:
+        check_redis_url(url)
+        self.max_connections = max_connections
+        self.url = url
+        self.timeout = timeout
+        self.retry_interval = retry_interval
+        self.prefix = prefix
+        self.available = False  # whether the last call reached Redis (False until one does)
+        self.failures = 0  # calls that raised StateUnavailable, fast failures included
+        self._client: coredis.Redis[str] | None = None
+        self._down_until = -math.inf
+        self._probing = False
+        self._logged_down = False
+        self._scripts: dict[str, coredis.commands.Script[str]] = {}
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Keep the client open until cancelled (a service task); started at once, connected or not."""
+        started = False
+        while True:
+            client = _client(self.url, self.timeout, self.max_connections)
+            try:
+                async with client:
+                    self._client = client
+                    self._scripts = {}
+                    if not started:
+                        with contextlib.suppress(StateUnavailable):
+                            await self.ping()  # so that the first calls find it available
+                        started = True
+                        task_status.started()
+                    await trio.sleep_forever()
+            except* Exception as group:  # the client's own tasks failed: log, reopen
+                log.warning("redis client at %s failed (%r); reopening", redact(self.url), _first_leaf(group))
+            finally:
+                self._client = None
+            await trio.sleep(self.retry_interval)
+
+    # -- the degraded-mode wrapper --------------------------------------------------------------
+
+    async def _call(self, what: str, call: Callable[[coredis.Redis[str]], Awaitable[T]],
+                    extra_time: float = 0.0) -> T:
+        """``call(client)`` within the timeout, or :class:`StateUnavailable` (see the module docstring)."""
+        client = self._client
+        if client is None or trio.current_time() < self._down_until or self._probing:
+            self.failures += 1
+            raise StateUnavailable(f"redis at {redact(self.url)} unavailable")
+        if not self.available:
+            # One PING (one call at a time) tells whether it is back: a blocking read must not be
+            # the probe, or every other call would fail for as long as it blocks.
+            self._probing = True
+            try:
+                await self._attempt("ping", client, _ping, 0.0)
+            finally:
+                self._probing = False
+            self.available = True
+            if self._logged_down:
+                log.warning("redis at %s is back: shared state again", redact(self.url))
+                self._logged_down = False
+        return await self._attempt(what, client, call, extra_time)
+
+    async def _attempt(self, what: str, client: coredis.Redis[str],
+                       call: Callable[[coredis.Redis[str]], Awaitable[T]], extra_time: float) -> T:
+        try:
+            with trio.fail_after(self.timeout + extra_time):
+                return await call(client)
+        except (trio.TooSlowError, coredis.exceptions.RedisError, OSError) as exc:
+            self._went_down(what, exc)
+            raise StateUnavailable(f"redis at {redact(self.url)} unavailable: {exc!r}") from exc
+
+    def _went_down(self, what: str, exc: Exception) -> None:
+        self.failures += 1
+        self._down_until = trio.current_time() + self.retry_interval
+        if self.available or not self._logged_down:
+            log.warning("redis at %s unavailable (%s: %r): local state until it is back",
+                        redact(self.url), what, exc)
+            self._logged_down = True
+        self.available = False
+
+    async def _script(self, source: str, keys: Sequence[str], args: Sequence[str | int | float],
+                      extra_time: float = 0.0) -> object:
+        async def call(client: coredis.Redis[str]) -> object:
+            script = self._scripts.get(source)
+            if script is None:
+                script = self._scripts[source] = client.register_script(source)
+            return await script(keys=list(keys), args=list(args))
+
+        return await self._call("script", call, extra_time)
+
+    def _key(self, kind: str, name: str) -> str:
+        return f"{self.prefix}{kind}{{{name}}}"
+
+    # -- State ----------------------------------------------------------------------------------
+
+    async def ping(self) -> None:
+        """One round trip (``PING``); :class:`StateUnavailable` if it fails."""
+        await self._call("ping", _ping)
+
+    async def take(self, takes: Sequence[Take]) -> float:
+        """See :meth:`trioai.state.State.take`."""
+        args: list[str | int | float] = [repr(WINDOW)]
+        for take in takes:
+            args += [repr(float(take.per_minute)), repr(float(take.amount)), repr(float(take.need)),
+                     repr(float(take.debit))]
+        result = await self._script(_TAKE, [self.prefix + take.key for take in takes], args)
+        return float(str(result))
+
+    async def acquire_lease(self, key: str, owner: str, ttl: float) -> bool:
+        """See :meth:`trioai.state.State.acquire_lease`."""
+        return await self._script(_ACQUIRE_LEASE, [self._key("lease", key)], [owner, _ms(ttl)]) == 1
+
+    async def renew_lease(self, key: str, owner: str, ttl: float) -> bool:
+        """See :meth:`trioai.state.State.renew_lease`."""
+        return await self._script(_RENEW_LEASE, [self._key("lease", key)], [owner, _ms(ttl)]) == 1
+
+    async def release_lease(self, key: str, owner: str) -> bool:
+        """See :meth:`trioai.state.State.release_lease`."""
+        return await self._script(_RELEASE_LEASE, [self._key("lease", key)], [owner]) == 1
+
+    async def lease_owner(self, key: str) -> str | None:
+        """See :meth:`trioai.state.State.lease_owner`."""
+        lease = self._key("lease", key)
+
+        async def call(client: coredis.Redis[str]) -> str | None:
+            return await client.get(lease)
+
+        return await self._call("lease_owner", call)
+
+    async def put_record(self, key: str, value: str, ttl: float) -> None:
+        """See :meth:`trioai.state.State.put_record`."""
+        record = self._key("record", key)
+
+        async def call(client: coredis.Redis[str]) -> object:
+            return await client.set(record, value, px=_ms(ttl))
+
+        await self._call("put_record", call)
+
+    async def get_record(self, key: str) -> str | None:
+        """See :meth:`trioai.state.State.get_record`."""
+        record = self._key("record", key)
+
+        async def call(client: coredis.Redis[str]) -> str | None:
+            return await client.get(record)
+
+        return await self._call("get_record", call)
+
+    async def append(self, log: str, entries: Sequence[LogEntry], *, ttl: float, maxlen: int) -> bool:
+        """See :meth:`trioai.state.State.append`."""
+        args: list[str | int | float] = [_ms(ttl), maxlen]
+        previous = 0
+        for seq, frame in entries:
+            if seq <= previous:
+                raise ValueError(f"log entries need increasing seq from 1, got {seq} after {previous}")
+            previous = seq
+            args += [seq, frame]
+        return await self._script(_APPEND, [self._key("log", log)], args) == 1
+
+    async def read(self, log: str, after: int, limit: int = 1000) -> list[LogEntry]:
+        """See :meth:`trioai.state.State.read`."""
+        stream = self._key("log", log)
+
+        async def call(client: coredis.Redis[str]) -> list[LogEntry]:
+            entries = await client.xrange(stream, f"{after + 1}-0", "+", count=limit)
+            return [_entry(e) for e in entries]
+
+        return await self._call("read", call)
+
+    async def follow(self, log: str, after: int, wait: float, limit: int = 1000) -> list[LogEntry]:
+        """See :meth:`trioai.state.State.follow`.
+
+        ``XREAD BLOCK`` holds a connection of its own meanwhile: keep the followers in flight under
+        ``max_connections`` (beyond, a call waits for a connection and may time out, which counts as
+        Redis unavailable); many generations are better followed by one task per instance.
+        """
+        stream = self._key("log", log)
+
+        async def call(client: coredis.Redis[str]) -> list[LogEntry]:
+            found = await client.xread({stream: f"{after}-0"}, count=limit, block=_ms(wait))
+            if not found:
+                return []
+            return [_entry(e) for entries in found.values() for e in entries]
+
+        return await self._call("follow", call, extra_time=wait)
+
+    async def acquire_slot(self, pool: str, capacity: int, holder: str, ttl: float, *,
+                           queue: str | None = None) -> bool:
+        """See :meth:`trioai.state.State.acquire_slot`."""
+        keys = [self._key("slots", pool), *self._queue_keys(queue if queue is not None else pool)[:2]]
+        args: list[str | int | float] = [capacity, holder, _ms(ttl), 0 if queue is None else 1]
+        return await self._script(_ACQUIRE_SLOT, keys, args) == 1
+
+    async def renew_slot(self, pool: str, holder: str, ttl: float) -> bool:
+        """See :meth:`trioai.state.State.renew_slot`."""
+        return await self._script(_RENEW_SLOT, [self._key("slots", pool)], [holder, _ms(ttl)]) == 1
+
+    async def release_slot(self, pool: str, holder: str) -> None:
+        """See :meth:`trioai.state.State.release_slot`."""
+        slots = self._key("slots", pool)
+
+        async def call(client: coredis.Redis[str]) -> object:
+            return await client.zrem(slots, [holder])
+
+        await self._call("release_slot", call)
+
+    async def slots_held(self, pool: str) -> int:
+        """See :meth:`trioai.state.State.slots_held`."""
+        return int(str(await self._script(_SLOTS_HELD, [self._key("slots", pool)], [])))
+
+    async def join_queue(self, queue: str, waiter: str, ttl: float) -> int:
+        """See :meth:`trioai.state.State.join_queue`."""
+        return int(str(await self._script(_QUEUE_POSITION, self._queue_keys(queue), [waiter, _ms(ttl), 1])))
+
+    async def queue_position(self, queue: str, waiter: str, ttl: float) -> int | None:
+        """See :meth:`trioai.state.State.queue_position`."""
+        position = int(str(await self._script(_QUEUE_POSITION, self._queue_keys(queue), [waiter, _ms(ttl), 0])))
+        return None if position < 0 else position
+
+    async def leave_queue(self, queue: str, waiter: str) -> None:
+        """See :meth:`trioai.state.State.leave_queue`."""
+        members, deadlines, _ = self._queue_keys(queue)
+
+        async def call(client: coredis.Redis[str]) -> None:
+            async with client.pipeline(transaction=True) as pipeline:
+                pipeline.zrem(members, [waiter])
+                pipeline.zrem(deadlines, [waiter])
+
+        await self._call("leave_queue", call)
+
+    async def queue_length(self, queue: str) -> int:
+        """See :meth:`trioai.state.State.queue_length`."""
+        return int(str(await self._script(_QUEUE_LENGTH, self._queue_keys(queue)[:2], [])))
+
+    def _queue_keys(self, queue: str) -> list[str]:
+        members = self._key("queue", queue)
+        return [members, members + ":due", members + ":next"]
+
+
+async def _ping(client: coredis.Redis[str]) -> object:
+    return await client.ping()
+
+
+def _entry(entry: StreamEntry) -> LogEntry:
+    return int(str(entry.identifier).split("-", 1)[0]), str(entry.field_values["f"])
