@@ -132,7 +132,7 @@ class Engine:
         reported = self.reported
         if reported is None:
             return self.in_flight / self.capacity
-        busy = max(float(self.in_flight), reported.running) + reported.waiting
+        busy = max(float(self.in_flight), reported.running + reported.waiting)  # ours are among them
         return busy / self.capacity + (1.0 if reported.kv_cache >= KV_CACHE_FULL else 0.0)
 
     @property
