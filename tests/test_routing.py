@@ -28,7 +28,7 @@ from trioai.enginepool import (
 from trioai.enginespec import MAX_ENGINES, MAX_NAME_LENGTH, EngineSpec, combine, default_name, parse_engine_tables
 from trioai.errors import ErrorCode, UpstreamError
 from trioai.fake_upstream import FakeUpstream, Script, continuation_problem, continued_text, numbered_script
-from trioai.gateway import NOT_CONTINUABLE, Progress, continuation, payload
+from trioai.gateway import NOT_CONTINUABLE, Progress, continuation, payload, trailing_whitespace
 from trioai.protocol import ChatRequest, Sampling, Usage
 from trioai.server import RunningServer, serve
 from trioai.upstream import Upstream
@@ -584,7 +584,7 @@ def test_a_continuation_appends_the_partial_answer_and_asks_for_the_rest() -> No
     assert follow_up == {
         "model": "m", "temperature": 0.0,
         "messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "count"},
-                     {"role": "assistant", "content": "w0 w1 w2 "}],
+                     {"role": "assistant", "content": "w0 w1 w2"}],  # the template would trim the space
         "continue_final_message": True, "add_generation_prompt": False, "max_tokens": 7,
     }
     assert len(body["messages"]) == 2 and "continue_final_message" not in body  # the original is untouched
@@ -646,10 +646,33 @@ def test_usage_after_two_continuations() -> None:
         assert follow_up is not None
         progress.next_part(follow_up)
     assert progress.payload["max_tokens"] == 17 and progress.continuations == 2
-    assert progress.payload["messages"][-1] == {"role": "assistant", "content": "a b c "}
+    assert progress.payload["messages"][-1] == {"role": "assistant", "content": "a b c"}
     assert len(progress.payload["messages"]) == 3  # built from the original, not stacked
     progress.text.extend(["d ", "e ", "f ", "g "])
     assert progress.usage(30, 4, 7) == Usage(30, 7, source="mixed")
+
+
+def test_whitespace_a_partial_answer_ends_with_is_not_sent_twice() -> None:
+    """Chat templates trim the partial answer, so the engine writes its trailing whitespace again
+    (seen with Gemma 3 on vLLM: "sea.\n\n" continued as "\n\nThe story"): the gateway swallows it,
+    and the whitespace-only deltas do not count against max_tokens."""
+    assert trailing_whitespace(["sea", ".", "\n\n"]) == ("\n\n", 1)
+    assert trailing_whitespace(["w0 ", "w1 "]) == (" ", 0)
+    assert trailing_whitespace(["a", " ", "\n"]) == (" \n", 2)
+    assert trailing_whitespace(["a"]) == ("", 0)
+    original = request(10)
+    progress = Progress(payload(original, "m"))
+    progress.text.extend(["The", " sea", ".", "\n\n"])
+    _, count = trailing_whitespace(progress.text)
+    follow_up = continuation(progress.original, "".join(progress.text), len(progress.text) - count, original)
+    assert follow_up is not None and follow_up["max_tokens"] == 7
+    assert follow_up["messages"][-1]["content"] == "The sea."
+    progress.next_part(follow_up)
+    assert progress.skip == "\n\n"
+    assert [progress.unsent(d) for d in ("\n", "\nThe", " story")] == ["", "The", " story"]
+    progress.skip = " "
+    assert progress.unsent("w6 ") == "w6 " and progress.skip == ""  # the engine did not write it again
+    assert continuation(payload(original, "m"), " \n", 2, original) is None  # only whitespace: nothing to continue
 
 
 # --- the fake engine's continuation ----------------------------------------------------------------

@@ -15,6 +15,7 @@ import json
 import math
 import os
 import re
+from pathlib import Path
 from typing import Any, cast
 
 import httpx
@@ -40,6 +41,9 @@ from .helpers import (
     text_of,
 )
 from .proxy import CutProxy
+from .redisserver import RedisServer
+from .scaleout import TrioaiProcess, owner_of_the_running_generation, start_nginx_in_front, trioai_processes
+from .test_nginx import nginx_binary  # noqa: F401 - the fixture
 from .test_responses import ENGINE_LIMITS, ENGINE_TIMEOUT, sdk_connection, text_deltas, until_terminal
 
 pytestmark = pytest.mark.vllm
@@ -604,3 +608,37 @@ async def test_llama_cpp_and_vllm_as_two_models_behind_one_gateway(vllm_url: str
     requests = server.gateway.metrics.render().decode()
     assert 'trioai_engine_requests_total{engine="llama",outcome="ok"} 1.0' in requests
     assert 'trioai_engine_requests_total{engine="vllm",outcome="ok"} 2.0' in requests
+
+
+# --- several instances sharing Redis (issue 18) ---------------------------------------------------
+
+
+async def test_a_greedy_answer_survives_the_kill_of_its_instance(
+    vllm_url: str, nursery: trio.Nursery, tmp_path: Path, nginx_binary: str  # noqa: F811
+) -> None:
+    """Two trioai processes in front of vLLM behind a real Nginx, sharing a real redis-server: the
+    instance streaming a greedy answer is killed with SIGKILL; the client reconnects through Nginx,
+    and the other instance continues the answer from the logged text on vLLM. The text the client
+    ends with equals the uninterrupted greedy answer."""
+    from trioai.client import connect as client_connect
+
+    redis = RedisServer(nursery, tmp_path)
+    await redis.start()
+    options = ("--upstream", vllm_url, "--redis", redis.url, "--lease-seconds", "1", "--max-concurrency", "4")
+    messages = [{"role": "user", "content": PROMPT}]
+    async with trioai_processes(tmp_path, 2, *options) as instances:
+        async with client_connect(f"ws://127.0.0.1:{instances[0].port}/ws/chat") as conn, conn.generate(
+                messages, max_tokens=CONTINUED_TOKENS, temperature=0) as whole:
+            reference = await whole.text()
+        url = await start_nginx_in_front(nursery, nginx_binary, tmp_path, [i.port for i in instances])
+        received: list[str] = []
+        killed: TrioaiProcess | None = None
+        async with client_connect(url, resume=True, resume_timeout=60) as conn, conn.generate(
+                messages, max_tokens=CONTINUED_TOKENS, temperature=0) as stream:
+            async for text in stream:
+                received.append(text)
+                if killed is None and len(received) >= CUT_AT:
+                    killed = await owner_of_the_running_generation(instances)
+                    killed.kill()
+    assert killed is not None and stream.resumes >= 1
+    assert "".join(received) == reference, f"{''.join(received)!r}\n!=\n{reference!r}"

@@ -136,7 +136,7 @@ class Gateway:
             body = payload(request, model)
             progress = Progress(body)
             if parts:  # else nothing was sent yet: the request runs as it was
-                follow_up = continuation(body, "".join(parts), len(parts), request)
+                follow_up = continuation(body, "".join(parts), len(parts) - trailing_whitespace(parts)[1], request)
                 if follow_up is None:
                     return Error(request_id, ErrorCode.UPSTREAM_DISCONNECTED,
                                  "the instance running this generation stopped, and its answer cannot be continued "
@@ -225,7 +225,9 @@ class Gateway:
         target = self.pool.alternative(model, tried, may_continue)
         if target is None:
             return False
-        follow_up = continuation(progress.original, "".join(progress.text), len(progress.text), request)
+        whitespace_only = trailing_whitespace(progress.text)[1]
+        follow_up = continuation(progress.original, "".join(progress.text), len(progress.text) - whitespace_only,
+                                 request)
         if follow_up is None:
             return False
         progress.next_part(follow_up)
@@ -251,10 +253,13 @@ class Gateway:
                     over = sender.put_reasoning(chunk.reasoning)
                     _count_delta(stats)
                     progress.continuable = False
-                if chunk.content:
+                content = chunk.content
+                if content and progress.skip:
+                    content = progress.unsent(content)
+                if content:
                     _count_delta(stats)
-                    text.append(chunk.content)
-                    over = sender.put_token(chunk.content, chunk.logprobs) or over
+                    text.append(content)
+                    over = sender.put_token(content, chunk.logprobs) or over
                 if chunk.tool_calls:
                     for call in chunk.tool_calls:
                         over = sender.put_tool_call(call.index, call.call_id, call.name, call.arguments) or over
@@ -302,11 +307,17 @@ def continuation(body: dict[str, Any], text: str, produced: int, request: ChatRe
     the last message, an assistant one, and the model writes on from its end; ``max_tokens`` is
     what is left. None when that cannot be exact: no text yet, no tokens left, or a request whose
     output is constrained from its start (structured output).
+
+    The partial answer goes without its trailing whitespace: chat templates (Gemma's, Llama's)
+    trim message content, so the engine writes that whitespace again; the gateway then swallows
+    it (:attr:`Progress.skip`), and ``produced`` must not count the whitespace-only deltas
+    (:func:`trailing_whitespace`).
     """
-    if not text or NOT_CONTINUABLE.intersection(request.chat_fields):
+    prefix = text.rstrip()
+    if not prefix or NOT_CONTINUABLE.intersection(request.chat_fields):
         return None
     follow_up = dict(body)
-    follow_up["messages"] = [*body["messages"], {"role": "assistant", "content": text}]
+    follow_up["messages"] = [*body["messages"], {"role": "assistant", "content": prefix}]
     follow_up["continue_final_message"] = True
     follow_up["add_generation_prompt"] = False
     if "max_tokens" in body:
@@ -317,10 +328,23 @@ def continuation(body: dict[str, Any], text: str, produced: int, request: ChatRe
     return follow_up
 
 
+def trailing_whitespace(parts: Sequence[str]) -> tuple[str, int]:
+    """The whitespace that ends the text of ``parts`` (the engine writes it again after a
+    continuation), and how many of the last parts are whitespace only (deltas not to count)."""
+    text = "".join(parts)
+    whitespace = text[len(text.rstrip()):]
+    count = 0
+    for part in reversed(parts):
+        if part.strip():
+            break
+        count += 1
+    return whitespace, count
+
+
 class Progress:
     """What a request has relayed so far, across the engines it ran on (for continuations)."""
 
-    __slots__ = ("original", "payload", "text", "calls", "continuable", "continuations", "_deltas_before",
+    __slots__ = ("original", "payload", "text", "calls", "continuable", "continuations", "skip", "_deltas_before",
                  "_completion_tokens")
 
     def __init__(self, body: dict[str, Any]) -> None:
@@ -330,6 +354,7 @@ class Progress:
         self.calls: dict[int, list[Any]] = {}  # index -> [call_id, name, argument fragments]
         self.continuable = True  # False once reasoning or a tool call was relayed
         self.continuations = 0
+        self.skip = ""  # text the next part writes again first (see continuation): not sent twice
         self._deltas_before = 0  # content deltas of the parts before the current one
         self._completion_tokens = 0  # their tokens, as the gateway counted them (their engines died first)
 
@@ -340,6 +365,20 @@ class Progress:
         self._deltas_before = produced
         self.continuations += 1
         self.payload = body
+        self.skip = trailing_whitespace(self.text)[0]
+
+    def unsent(self, content: str) -> str:
+        """What of a delta the client has not seen yet: after a continuation, the engine's first
+        deltas may write again the whitespace the partial answer ended with."""
+        skip = self.skip
+        matched = 0
+        while matched < len(content) and matched < len(skip) and content[matched] == skip[matched]:
+            matched += 1
+        if matched == len(content):
+            self.skip = skip[matched:]  # all of it written again: wait for the rest
+            return ""
+        self.skip = ""  # done (or the engine went another way: nothing more to compare)
+        return content[matched:]
 
     def usage(self, prompt_tokens: int | None, completion_tokens: int | None, deltas: int) -> Usage:
         """The usage of every part added: a broken part's completion as the gateway counted it, the

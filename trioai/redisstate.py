@@ -29,6 +29,7 @@ import urllib.parse
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Final, TypeVar
 
+import anyio
 import coredis
 import coredis.exceptions
 import trio
@@ -312,7 +313,9 @@ class RedisState:
         try:
             with trio.fail_after(self.timeout + extra_time):
                 return await call(client)
-        except (trio.TooSlowError, coredis.exceptions.RedisError, OSError) as exc:
+        except (trio.TooSlowError, coredis.exceptions.RedisError, OSError, anyio.ClosedResourceError,
+                anyio.BrokenResourceError) as exc:
+            # The last two: the client's connection closed under the call (it is being reopened).
             self._went_down(what, exc)
             raise StateUnavailable(f"redis at {redact(self.url)} unavailable: {exc!r}") from exc
 
