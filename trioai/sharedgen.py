@@ -32,7 +32,7 @@ import hashlib
 import json
 import logging
 import secrets
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
 
@@ -154,7 +154,8 @@ def summarize(frames: Iterable[tuple[int, str]]) -> LogSummary:
 class SharedGenerations:
     """This instance's side of shared generations: records, leases, appends, follows, takeovers."""
 
-    def __init__(self, state: State, settings: Settings, instance: str | None = None) -> None:
+    def __init__(self, state: State, settings: Settings, instance: str | None = None,
+                 on_append: Callable[[], None] | None = None) -> None:
         self.state = state
         self.settings = settings
         self.instance = instance or secrets.token_hex(8)
@@ -167,6 +168,7 @@ class SharedGenerations:
         self.appended: dict[str, int] = {}  # by generation key: the last seq appended (running ones)
         self.degraded = False
         self.appends = 0  # calls that appended frames (Redis round trips per generation: see bench)
+        self.on_append = on_append  # told of each (a metric)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Renew leases and run relays until cancelled."""
@@ -233,6 +235,8 @@ class SharedGenerations:
             self._unavailable("append", exc)
             return True  # sent anyway: the client must not wait for Redis
         self.appends += 1
+        if self.on_append is not None:
+            self.on_append()
         if added:
             key = generation_key(generation.token)
             self.appended[key] = entries[-1][0]
