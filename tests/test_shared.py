@@ -183,6 +183,27 @@ async def test_the_instance_a_resume_reaches_continues_when_the_owner_died(
     assert events[-1]["usage"]["completion_tokens"] == TOKENS
 
 
+async def test_exactly_one_instance_continues_when_two_resume_after_the_owner_died(
+    nursery: trio.Nursery, redis_server: RedisServer, engine: FakeUpstream
+) -> None:
+    owner, second, third = [await start_instance(nursery, redis_server, engine) for _ in range(3)]
+    before = await read_some(owner.url, resumable("g"), 5)
+    owner.crash()
+    results: dict[str, list[dict[str, Any]]] = {}
+
+    async def resume_on(name: str, instance: Instance) -> None:
+        results[name] = await resume(instance.url, "g", before)
+
+    async with trio.open_nursery() as clients:
+        clients.start_soon(resume_on, "second", second)
+        clients.start_soon(resume_on, "third", third)
+    for events in results.values():
+        check_one_generation(before + events)
+        assert text_of(before + events) == numbered(0, TOKENS)
+    assert results["second"] == results["third"]  # the same events: one continued, the other followed its log
+    assert len(engine.requests) == 2  # exactly one continuation
+
+
 async def test_a_cancel_sent_to_another_instance_stops_the_owner(
     pair: tuple[Instance, Instance], engine: FakeUpstream
 ) -> None:

@@ -642,3 +642,14 @@ async def test_a_greedy_answer_survives_the_kill_of_its_instance(
                     killed.kill()
     assert killed is not None and stream.resumes >= 1
     assert "".join(received) == reference, f"{''.join(received)!r}\n!=\n{reference!r}"
+
+
+async def test_routing_reads_vllms_own_queue_from_its_metrics(vllm_url: str) -> None:
+    """What the engine pool scrapes for routing: vLLM's running and waiting requests and KV-cache use."""
+    from trioai.enginepool import metrics_url, parse_engine_metrics
+
+    async with httpx.AsyncClient(timeout=10.0) as client:
+        text = (await client.get(metrics_url(vllm_url))).text
+    load = parse_engine_metrics(text)
+    assert load is not None, "vLLM's /metrics has none of the gauges routing reads"
+    assert load.running >= 0 and load.waiting >= 0 and 0.0 <= load.kv_cache <= 1.0
