@@ -10,14 +10,13 @@ import sys
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 
 import httpx
 import trio
 
 from .redisserver import free_port
-from .test_nginx import SHIPPED
+from .test_nginx import SHIPPED, run_nginx
 
 
 @dataclass
@@ -93,36 +92,8 @@ def pair_site(ports: Sequence[int], listen_port: int) -> str:
 async def start_nginx_in_front(nursery: trio.Nursery, binary: str, directory: Path, ports: Sequence[int]) -> str:
     """A real Nginx in front of the instances on ``ports``; returns its ``ws://…/ws/chat`` URL."""
     listen = free_port()
-    (directory / "site.conf").write_text(pair_site(ports, listen))
-    (directory / "nginx.conf").write_text(f"""
-worker_processes 1;
-daemon off;
-pid {directory}/nginx.pid;
-error_log {directory}/error.log info;
-events {{ worker_connections 256; }}
-http {{
-    access_log off;
-    client_body_temp_path {directory}/body;
-    proxy_temp_path {directory}/proxy;
-    fastcgi_temp_path {directory}/fastcgi;
-    uwsgi_temp_path {directory}/uwsgi;
-    scgi_temp_path {directory}/scgi;
-    include {directory}/site.conf;
-}}
-""")
-    command = [binary, "-p", str(directory), "-c", str(directory / "nginx.conf")]
-    check = await trio.run_process([*command, "-t"], capture_stderr=True, check=False)
-    assert check.returncode == 0, check.stderr.decode()
-    await nursery.start(partial(trio.run_process, command, stdin=subprocess.DEVNULL, check=False))
-    with trio.fail_after(10):
-        while True:
-            try:
-                stream = await trio.open_tcp_stream("127.0.0.1", listen)
-            except OSError:
-                await trio.sleep(0.02)
-                continue
-            await stream.aclose()
-            return f"ws://127.0.0.1:{listen}/ws/chat"
+    await run_nginx(nursery, binary, directory, pair_site(ports, listen), listen)
+    return f"ws://127.0.0.1:{listen}/ws/chat"
 
 
 async def owner_of_the_running_generation(instances: Sequence[TrioaiProcess], seconds: float = 10.0) -> TrioaiProcess:

@@ -67,7 +67,14 @@ def nginx_binary() -> str:
 
 async def start_nginx(nursery: trio.Nursery, binary: str, tmp: Path, trioai_port: int) -> Nginx:
     listen = free_port()
-    (tmp / "site.conf").write_text(site_config(trioai_port, listen))
+    await run_nginx(nursery, binary, tmp, site_config(trioai_port, listen), listen)
+    return Nginx(f"ws://127.0.0.1:{listen}/ws/chat", listen)
+
+
+async def run_nginx(nursery: trio.Nursery, binary: str, tmp: Path, site: str, listen: int) -> None:
+    """A real Nginx serving ``site`` from ``tmp`` (checked with ``nginx -t`` first), until the test
+    ends; returns once it accepts connections on ``listen``."""
+    (tmp / "site.conf").write_text(site)
     (tmp / "nginx.conf").write_text(f"""
 worker_processes 1;
 daemon off;
@@ -97,7 +104,7 @@ http {{
                 await trio.sleep(0.02)
                 continue
             await stream.aclose()
-            return Nginx(f"ws://127.0.0.1:{listen}/ws/chat", listen)
+            return
 
 
 @pytest.fixture
