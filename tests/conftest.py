@@ -9,7 +9,7 @@ import pytest
 import trio
 
 from trioai.config import Settings
-from trioai.fake_upstream import FakeUpstream
+from trioai.fake_upstream import FakeUpstream, Script
 from trioai.server import RunningServer, serve
 
 
@@ -19,6 +19,19 @@ async def upstream(nursery: trio.Nursery) -> FakeUpstream:
     fake = FakeUpstream()
     await nursery.start(fake.serve)
     return fake
+
+
+def slow(body: dict[str, Any]) -> Script:
+    """``t0 t1 …``, ``max_tokens`` of them, one every 20 ms: an answer still running when a test acts."""
+    return Script(tokens=tuple(f"t{i} " for i in range(body["max_tokens"])), delay=0.02, finish_reason="length")
+
+
+@pytest.fixture
+async def slow_upstream(nursery: trio.Nursery) -> FakeUpstream:
+    """A fake engine answering with :func:`slow`."""
+    engine = FakeUpstream(slow)
+    await nursery.start(engine.serve)
+    return engine
 
 
 StartGateway = Callable[..., Awaitable[RunningServer]]

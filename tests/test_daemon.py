@@ -10,27 +10,15 @@ import sys
 from collections.abc import AsyncIterator
 from functools import partial
 from pathlib import Path
-from typing import Any
 
 import pytest
 import trio
 from trio_websocket import ConnectionClosed, open_websocket_url
 
-from trioai.fake_upstream import FakeUpstream, Script
+from trioai.fake_upstream import FakeUpstream
 
 from .helpers import chat, collect_until_terminal, recv, send
 from .test_cli import read_until
-
-
-def slow(body: dict[str, Any]) -> Script:
-    return Script(tokens=tuple(f"t{i} " for i in range(body["max_tokens"])), delay=0.02, finish_reason="length")
-
-
-@pytest.fixture
-async def slow_upstream(nursery: trio.Nursery) -> FakeUpstream:
-    engine = FakeUpstream(slow)
-    await nursery.start(engine.serve)
-    return engine
 
 
 @pytest.fixture

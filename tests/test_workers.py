@@ -15,7 +15,6 @@ from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from functools import partial
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
@@ -43,17 +42,6 @@ from trioai.workers import (
 )
 
 from .helpers import chat, collect_until_terminal, recv, send
-
-
-def slow(body: dict[str, Any]) -> Script:
-    return Script(tokens=tuple(f"t{i} " for i in range(body["max_tokens"])), delay=0.02, finish_reason="length")
-
-
-@pytest.fixture
-async def slow_upstream(nursery: trio.Nursery) -> FakeUpstream:
-    engine = FakeUpstream(slow)
-    await nursery.start(engine.serve)
-    return engine
 
 
 class Output:
