@@ -243,6 +243,7 @@ async def test_redis_restarted_mid_run_no_request_is_lost(
     check_one_generation(before + after)
     assert text_of(before + after) == numbered(0, 8)
     assert "trioai_state_degraded 1.0" in instance.running.gateway.metrics.render().decode()
+    assert b"shared state: degraded" in (await instance.running.server._readyz()).body
     await redis_server.start()
     # Back: a new resumable generation is shared again (another instance could resume it).
     with trio.fail_after(10):

@@ -22,6 +22,12 @@ pass; refusing it for sure would not help anyone).
 
 With one engine (the common case, and the embedded one) there is nowhere else to send a request:
 no probes or metrics reads run, and readiness asks the engine directly, as before.
+
+With shared state (``--redis``, :meth:`EnginePool.share_admission`), both bounds hold across
+instances (:mod:`trioai.clusteradmission`): each admission is a :class:`ClusterAdmission` (a slot
+of a cluster pool and its queue, then the local slot), and an engine that the admission does not
+bound alone (it serves several models, or its model has several engines) also has a cluster slot
+per request, taken by :meth:`EnginePool.engine_for`.
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.parser import text_string_to_metric_families
 
 from .admission import Admission
+from .clusteradmission import Cluster, ClusterAdmission
 from .config import Settings
 from .enginespec import EngineSpec
 from .errors import ErrorCode, UpstreamError
@@ -60,6 +67,8 @@ DISCOVERY_RETRY: Final = 2.0
 #: Above this KV-cache use an engine is about to preempt requests: count it as one capacity fuller.
 KV_CACHE_FULL: Final = 0.98
 METRICS_BYTES: Final = 4 << 20
+#: With shared state: first wait (seconds, then doubling) before asking again for a full engine's cluster slot.
+CLUSTER_ROOM_POLL: Final = 0.05
 #: Failures that say the engine (not the request) is in trouble: they count towards ejection.
 ENGINE_FAULTS: Final = frozenset({ErrorCode.UPSTREAM_UNAVAILABLE, ErrorCode.UPSTREAM_DISCONNECTED,
                                   ErrorCode.UPSTREAM_TIMEOUT})
@@ -229,7 +238,17 @@ class EnginePool:
         self._room = trio.lowlevel.ParkingLot()
         self._first_model = SharedCall(self._default_from_first_engine, error_ttl=DISCOVERY_RETRY)
         self.failovers = 0
+        self.cluster: Cluster | None = None  # with shared state: admission across instances
         self._index()
+
+    def share_admission(self, cluster: Cluster) -> None:
+        """Admit across instances through ``cluster`` from now on (call before requests arrive)."""
+        self.cluster = cluster
+        if self._shared is not None:
+            self._shared = ClusterAdmission(self.engines[0].capacity, cluster, f"engine:{self.engines[0].name}")
+        self._admissions.clear()
+        for model in self._serving:
+            self._resize(model)
 
     @classmethod
     def single_engine(cls, settings: Settings, upstream: Upstream, name: str | None = None) -> EnginePool:
@@ -262,7 +281,10 @@ class EnginePool:
         capacity = max(1, sum(e.capacity for e in healthy))
         admission = self._admissions.get(model)
         if admission is None:
-            self._admissions[model] = Admission(capacity)
+            if self.cluster is None:
+                self._admissions[model] = Admission(capacity)
+            else:
+                self._admissions[model] = ClusterAdmission(capacity, self.cluster, f"model:{model}")
         elif admission.limiter.total_tokens != capacity:
             admission.limiter.total_tokens = capacity
 
@@ -363,11 +385,16 @@ class EnginePool:
         for the body.
 
         The model's admission slot is taken first, so there is room on some engine; only an
-        engine serving several models can be full meanwhile, and then this waits for room.
+        engine serving several models can be full meanwhile, and then this waits for room. With
+        shared state, the engine's cluster slot too, when the admission does not bound it alone.
         """
         engines = self._serving.get(model) or list(self.engines)
         if usable is not None:
             engines = [e for e in engines if usable(e)]
+        if self.cluster is not None and not self.single and self._needs_engine_slots(model):
+            async with self._cluster_engine(self.cluster, engines, prefer, avoid) as held:
+                yield held
+            return
         while True:
             engine = choose(engines, prefer, avoid)
             if engine is not None:
@@ -378,6 +405,50 @@ class EnginePool:
             yield engine
         finally:
             engine.in_flight -= 1
+            if self._room:
+                self._room.unpark_all()
+
+    def _needs_engine_slots(self, model: str) -> bool:
+        """Whether a cluster slot of the engine is needed besides the model's: unless the model has
+        one engine and that engine serves no other model."""
+        serving = self._serving.get(model, ())
+        return not (len(serving) == 1 and serving[0].models == (model,))
+
+    @asynccontextmanager
+    async def _cluster_engine(self, cluster: Cluster, engines: Sequence[Engine], prefer: str | None,
+                              avoid: Collection[str]) -> AsyncIterator[Engine]:
+        """:meth:`engine_for` holding a cluster slot of the engine (``engine:{name}``) as well."""
+        full: set[str] = set()  # engines whose cluster slots were all taken when last asked
+        delay = CLUSTER_ROOM_POLL
+        while True:
+            engine = choose([e for e in engines if e.name not in full], prefer, avoid)
+            if engine is None:
+                # No room here, or none in the cluster: look again when a local request ends, or soon.
+                with trio.move_on_after(delay if full else cluster.lease / 4):
+                    await self._room.park()
+                if full:
+                    delay = min(delay * 2, cluster.lease / 4)
+                full.clear()
+                continue
+            engine.in_flight += 1  # before the round trip: no other request of this instance takes it meanwhile
+            pool = f"engine:{engine.name}"
+            taken = False
+            try:
+                taken, holder = await cluster.take(pool, engine.capacity)
+            finally:
+                if not taken:
+                    engine.in_flight -= 1
+                    if self._room:
+                        self._room.unpark_all()
+            if taken:
+                break
+            full.add(engine.name)
+        try:
+            yield engine
+        finally:
+            engine.in_flight -= 1
+            if holder is not None:
+                await cluster.release(pool, holder)
             if self._room:
                 self._room.unpark_all()
 

@@ -27,6 +27,7 @@ from .outbox import StreamSender
 from .protocol import AssembledToolCall, ChatRequest, Done, Error, Failover, RequestId, Started, Usage
 from .ratelimit import RateLimiter
 from .sharedgen import SharedGenerations
+from .state import State
 from .upstream import Upstream
 
 log = logging.getLogger("trioai.gateway")
@@ -84,6 +85,7 @@ class Gateway:
         self.rate_limiter = RateLimiter(settings.rate_limit_requests, settings.rate_limit_tokens)
         self.registry = Registry(self)  # runs every generation; serve() starts its task
         self.shared: SharedGenerations | None = None  # with --redis: resumable generations any instance resumes
+        self.state: State | None = None  # what serve() shares state through (in process without --redis)
 
     @property
     def upstream(self) -> Upstream:

@@ -67,6 +67,10 @@ class Metrics:
         self.abandoned = Counter(
             "trioai_generations_abandoned", "Detached generations cancelled: window passed or memory cap", registry=r
         )
+        self.shared_appends = Counter(
+            "trioai_shared_log_appends", "Calls that appended frames of shared generations to the shared log "
+            "(Redis round trips on the token path)", registry=r,
+        )
         self.state_degraded = Gauge(
             "trioai_state_degraded", "1 while the shared state (--redis) is unavailable and local state is used",
             registry=r,

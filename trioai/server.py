@@ -54,6 +54,7 @@ from trio_websocket import ConnectionClosed, WebSocketRequest
 
 from .auth import KeyFileError, KeySet, Rejection, check_handshake
 from .clientaddr import client_address
+from .clusteradmission import Cluster
 from .config import Settings
 from .enginepool import Engine, EnginePool
 from .enginespec import EngineSpec, default_name
@@ -180,6 +181,9 @@ class Server:
         if self.draining:
             return Response(503, b"draining\n")
         ready, detail = await self._ready_check.get()  # one check of the engines in flight, shared by every probe
+        state = self.gateway.state
+        if self.gateway.settings.redis is not None and state is not None and not state.available:
+            detail += "shared state: degraded (Redis unavailable; serving with local state)\n"
         return Response(200 if ready else 503, detail.encode())
 
     async def _metrics(self) -> Response:
@@ -435,8 +439,12 @@ async def serve(
             if settings.redis is not None:
                 gateway.rate_limiter.state = state  # per-key limits count across instances
                 await services.start(gateway.rate_limiter.run)
-                gateway.shared = SharedGenerations(state, settings)
+                gateway.shared = SharedGenerations(state, settings, on_append=gateway.metrics.shared_appends.inc)
                 await services.start(gateway.shared.run)
+                cluster = Cluster(state, settings.lease_seconds)  # capacity and queues across instances
+                pool.share_admission(cluster)
+                await services.start(cluster.run)
+            gateway.state = state
             gateway.metrics.state_degraded.set_function(lambda: 0.0 if state.available else 1.0)
             await services.start(gateway.registry.run)
             await services.start(pool.run)
