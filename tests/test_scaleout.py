@@ -10,14 +10,17 @@ client ends with can be compared word for word with the uninterrupted one.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 import trio
+from trio_websocket import open_websocket_url
 
 from trioai.client import connect
 from trioai.fake_upstream import FakeUpstream, Script, numbered_script
 
+from .helpers import chat
 from .redisserver import RedisServer
 from .scaleout import TrioaiProcess, owner_of_the_running_generation, start_nginx_in_front, trioai_processes
 from .test_nginx import nginx_binary  # noqa: F401 - the fixture
@@ -61,3 +64,47 @@ async def test_an_answer_survives_the_kill_of_its_instance_behind_nginx(
     follow_up = engine.requests[1].body
     assert follow_up["continue_final_message"] is True
     assert numbered(0, TOKENS).startswith(follow_up["messages"][-1]["content"])
+
+
+async def test_capacity_holds_across_two_instances_behind_nginx(
+    nursery: trio.Nursery, tmp_path: Path, nginx_binary: str  # noqa: F811
+) -> None:
+    """max_concurrency 4 across two processes: 20 clients at once through Nginx never put more than 4
+    requests on the engine, every one completes, and the positions they are told are the cluster's."""
+    engine = FakeUpstream(lambda body: Script(tokens=("x ",) * 4, delay=0.05, finish_reason="length"))
+    await nursery.start(engine.serve)
+    redis = RedisServer(nursery, tmp_path)
+    await redis.start()
+    options = ("--upstream", engine.base_url, "--redis", redis.url, "--lease-seconds", "2", "--max-concurrency", "4")
+    async with trioai_processes(tmp_path, 2, *options) as instances:
+        url = await start_nginx_in_front(nursery, nginx_binary, tmp_path, [i.port for i in instances])
+        positions: list[list[int]] = []
+        texts: list[str] = []
+
+        async def client() -> None:
+            async with open_websocket_url(url) as ws:
+                await ws.send_message(json.dumps(chat("x", max_tokens=4, id=1)))
+                seen: list[int] = []
+                text = ""
+                while True:
+                    event = json.loads(await ws.get_message())
+                    if event["type"] == "queued":
+                        seen.append(event["position"])
+                    elif event["type"] == "token":
+                        text += event["content"]
+                    elif event["type"] in ("done", "error"):
+                        break
+                texts.append(text)
+                positions.append(seen)
+
+        async with trio.open_nursery() as clients:
+            for _ in range(20):
+                clients.start_soon(client)
+        connections = [await i.metric("trioai_connections_total") for i in instances]
+    assert texts == ["x x x x "] * 20
+    assert engine.peak_active <= 4 and len(engine.requests) == 20
+    assert sum(connections) == 20 and min(connections) > 0  # Nginx spread the clients over both
+    for seen in positions:
+        assert seen == sorted(seen, reverse=True)  # a position never goes up
+    firsts = sorted(seen[0] for seen in positions if seen)
+    assert len(firsts) == len(set(firsts)) and firsts and max(firsts) <= 16  # one line across both instances
