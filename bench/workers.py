@@ -9,8 +9,8 @@ was, and whether every stream ended ``done`` with its exact text; then the ratio
 The load generator shares the machine: when it is what limits tokens per second, more workers
 cannot show, and the CPU figure is the one to read.
 
-    python -m bench.workers                       # 16 and 256 connections, 5 s each, 3 rounds
-    python -m bench.workers --connections 64 --duration 2 --rounds 1
+    python -m bench.workers                       # 16 and 256 connections, 5 s each, 3 rounds, 10,000 idle
+    python -m bench.workers --connections 64 --duration 2 --rounds 1 --idle 0
 """
 
 from __future__ import annotations
@@ -26,9 +26,45 @@ from pathlib import Path
 
 import trio
 
-from bench.compare import busy_percent, machine_cpu, process_cpu_seconds
+from bench.compare import busy_percent, hold_idle, machine_cpu, process_cpu_seconds
 from bench.loadgen import ws_load
+from bench.queue import raise_fd_limit
 from bench.run import fake_engine, row, spawn
+
+
+@dataclass(frozen=True)
+class Held:
+    """Idle connections held by one gateway: its memory for them, and whether it still answered."""
+
+    workers: int
+    idle: int
+    kib_per_connection: float
+    answered: bool
+
+
+def rss_kib(pids: Sequence[int]) -> int:
+    """Resident memory of every process in ``pids`` together (one that is gone counts 0)."""
+    total = 0
+    for pid in pids:
+        with contextlib.suppress(OSError), open(f"/proc/{pid}/status") as status:
+            for line in status:
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+    return total
+
+
+async def hold(address: str, pids: Sequence[int], workers: int, idle: int) -> Held:
+    """Open ``idle`` WebSocket connections that send nothing, then ask for one answer."""
+    before = rss_kib(pids)
+    streams = await hold_idle(address, idle)
+    try:
+        await trio.sleep(1.0)
+        after = rss_kib(pids)
+        answered = (await ws_load(address, 1, 8, 0.0)).all_exact
+    finally:
+        for stream in streams:
+            await stream.aclose()
+    return Held(workers, idle, (after - before) / max(idle, 1), answered)
 
 
 @dataclass(frozen=True)
@@ -75,8 +111,9 @@ def announcement(workers: int) -> str:
 
 
 async def measure(upstream: str, workers: int, connections: Sequence[int], max_tokens: int,
-                  duration: float) -> list[Sample]:
-    """One gateway with ``workers`` workers, one load per connection count."""
+                  duration: float, idle: int = 0, held: list[Held] | None = None) -> list[Sample]:
+    """One gateway with ``workers`` workers, one load per connection count; then, with ``idle``,
+    the idle connections it holds (into ``held``)."""
     samples = []
     async with spawn(gateway_args(upstream, workers), announcement(workers), stream="stderr") as server:
         warm = await ws_load(server.address, 2 * workers, 4, 0.0)  # model lookups, engine connections
@@ -93,17 +130,23 @@ async def measure(upstream: str, workers: int, connections: Sequence[int], max_t
                                   busy_percent(machine_before, machine_cpu()), result.all_exact))
             print(f"--workers {workers}, {count} connections: {result.tokens_per_s:,.0f} tokens/s",
                   file=sys.stderr, flush=True)
+        if idle and held is not None:
+            held.append(await hold(server.address, pids, workers, idle))
     return samples
 
 
 async def main_async(args: argparse.Namespace) -> None:
     """Alternate 1 and 2 workers for ``--rounds`` rounds; print the medians as a Markdown table."""
     results: dict[tuple[int, int], list[Sample]] = {}
+    held: list[Held] = []
+    if args.idle:
+        raise_fd_limit(args.idle + 1024)
     async with fake_engine() as engine:
         for round_number in range(args.rounds):
             order = (1, 2) if round_number % 2 == 0 else (2, 1)  # alternate who goes first
             for workers in order:
-                for sample in await measure(engine.address, workers, args.connections, args.tokens, args.duration):
+                for sample in await measure(engine.address, workers, args.connections, args.tokens, args.duration,
+                                            args.idle, held):
                     results.setdefault((workers, sample.connections), []).append(sample)
     print(f"### --workers 2 against 1: unpaced engine, {args.tokens}-token generations back to back, "
           f"{args.duration:g} s each, median of {args.rounds} round(s)\n")
@@ -120,6 +163,14 @@ async def main_async(args: argparse.Namespace) -> None:
                       f"{statistics.median(s.cpu_ms_per_1000_tokens for s in samples):.1f}",
                       f"{statistics.median(s.machine_busy for s in samples):.0f}",
                       "yes" if all(s.exact for s in samples) else "NO", ratio))
+    if held:
+        print(f"\n### Connections held: {args.idle:,} idle WebSocket connections, then one request\n")
+        print(row("workers", "KiB per idle connection (all processes)", "answered while holding them"))
+        print(row(*["---"] * 3))
+        for workers in (1, 2):
+            mine = [h for h in held if h.workers == workers]
+            print(row(workers, f"{statistics.median(h.kib_per_connection for h in mine):.1f}",
+                      "yes" if all(h.answered for h in mine) else "NO"))
 
 
 def main() -> None:
@@ -130,6 +181,8 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=256, help="tokens per generation")
     parser.add_argument("--duration", type=float, default=5.0, help="seconds per load")
     parser.add_argument("--rounds", type=int, default=3, help="rounds; each figure is the median")
+    parser.add_argument("--idle", type=int, default=10000,
+                        help="idle connections each gateway holds after its loads (0: skip)")
     args = parser.parse_args()
     print(f"python {sys.version.split()[0]}, trio {trio.__version__}, {os.cpu_count()} CPUs\n")
     trio.run(main_async, args)
