@@ -288,23 +288,40 @@ def decoded(write: list[str]) -> list[tuple[str, str | None]]:
     return [(event["type"], event.get("content")) for event in map(json.loads, write)]
 
 
-async def test_deltas_wait_for_their_task_and_go_out_in_one_write_without_the_writer() -> None:
+async def test_a_delta_waits_for_its_task_and_goes_out_in_one_write_without_the_writer() -> None:
     outbox, connection, started = direct_outbox()
     a = outbox.stream("a")
     a.event(Started("a", "m"))  # not a delta: the writer is asked for, as before
     assert started == ["writer"]
     outbox.writer_running = False  # as if it had not run yet
     started.clear()
-    for content in ("x", "y", "z"):  # one engine read's deltas
-        assert not a.put_token(content)
-    assert started == []  # no writer for deltas
+    assert not a.put_token("x")  # one engine read's delta (a paced engine: one per read)
+    assert started == []  # no writer for a delta
     assert connection.writes == []  # nothing written before the task flushes
     flush_deferred()
-    assert [decoded(write) for write in connection.writes] == [[("start", None), ("token", "xyz")]]
+    assert [decoded(write) for write in connection.writes] == [[("start", None), ("token", "x")]]
     assert len(outbox) == 0 and outbox.queued_bytes == 0
     assert started == []
     flush_deferred()  # nothing left: no empty write
     assert len(connection.writes) == 1
+    a.put_token("y")  # the next read's
+    flush_deferred()
+    assert [decoded(write) for write in connection.writes][1:] == [[("token", "y")]]
+
+
+async def test_deltas_that_arrive_together_are_left_to_the_writer_to_join() -> None:
+    """Several deltas in one read: the engine is ahead of the reader, and the writer, which runs
+    later, joins more of them per frame (fewer frames for a client to read)."""
+    outbox, connection, started = direct_outbox()
+    a = outbox.stream("a")
+    for content in ("x", "y", "z"):
+        assert not a.put_token(content)
+    assert started == []
+    flush_deferred()
+    assert connection.writes == []
+    assert started == ["writer"]
+    a.put_token("w")  # before the writer ran: joins the same frame
+    assert await drain(outbox) == [{"type": "token", "id": "a", "content": "xyzw"}]
 
 
 async def test_a_busy_connection_gets_its_deltas_from_the_writer_in_order() -> None:
