@@ -11,6 +11,8 @@ client ends with can be compared word for word with the uninterrupted one.
 from __future__ import annotations
 
 import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -36,16 +38,25 @@ def numbered(start: int, stop: int) -> str:
     return "".join(f"w{i} " for i in range(start, stop))
 
 
+@asynccontextmanager
+async def behind_nginx(nursery: trio.Nursery, tmp_path: Path, nginx: str, engine: FakeUpstream,
+                       *options: str) -> AsyncIterator[tuple[list[TrioaiProcess], str]]:
+    """``engine`` serving, a redis-server, two ``trioai serve`` processes in front of the engine sharing
+    it (with ``options``), and a real Nginx in front of them: the processes and Nginx's URL."""
+    await nursery.start(engine.serve)
+    redis = RedisServer(nursery, tmp_path)
+    await redis.start()
+    async with trioai_processes(tmp_path, 2, "--upstream", engine.base_url, "--redis", redis.url,
+                                *options) as instances:
+        yield instances, await start_nginx_in_front(nursery, nginx, tmp_path, [i.port for i in instances])
+
+
 async def test_an_answer_survives_the_kill_of_its_instance_behind_nginx(
     nursery: trio.Nursery, tmp_path: Path, nginx_binary: str  # noqa: F811
 ) -> None:
     engine = FakeUpstream(slow_numbered)
-    await nursery.start(engine.serve)
-    redis = RedisServer(nursery, tmp_path)
-    await redis.start()
-    options = ("--upstream", engine.base_url, "--redis", redis.url, "--lease-seconds", "1", "--ping-interval", "1")
-    async with trioai_processes(tmp_path, 2, *options) as instances:
-        url = await start_nginx_in_front(nursery, nginx_binary, tmp_path, [i.port for i in instances])
+    async with behind_nginx(nursery, tmp_path, nginx_binary, engine, "--lease-seconds", "1",
+                            "--ping-interval", "1") as (instances, url):
         received: list[str] = []
         killed: TrioaiProcess | None = None
         async with connect(url, resume=True, resume_timeout=30) as conn, conn.generate(
@@ -72,12 +83,8 @@ async def test_capacity_holds_across_two_instances_behind_nginx(
     """max_concurrency 4 across two processes: 20 clients at once through Nginx never put more than 4
     requests on the engine, every one completes, and the positions they are told are the cluster's."""
     engine = FakeUpstream(lambda body: Script(tokens=("x ",) * 4, delay=0.05, finish_reason="length"))
-    await nursery.start(engine.serve)
-    redis = RedisServer(nursery, tmp_path)
-    await redis.start()
-    options = ("--upstream", engine.base_url, "--redis", redis.url, "--lease-seconds", "2", "--max-concurrency", "4")
-    async with trioai_processes(tmp_path, 2, *options) as instances:
-        url = await start_nginx_in_front(nursery, nginx_binary, tmp_path, [i.port for i in instances])
+    async with behind_nginx(nursery, tmp_path, nginx_binary, engine, "--lease-seconds", "2",
+                            "--max-concurrency", "4") as (instances, url):
         positions: list[list[int]] = []
         texts: list[str] = []
 
