@@ -444,6 +444,11 @@ class Profile:
 
 async def profile(side: Side, engine: Process, streams: int, tokens: int, seconds: float) -> Profile:
     """py-spy on the gateway for ``seconds`` while ``streams`` connections run paced generations back to back."""
+    return Profile.parse(await raw_profile(side, engine, streams, tokens, seconds))
+
+
+async def raw_profile(side: Side, engine: Process, streams: int, tokens: int, seconds: float) -> str:
+    """py-spy's raw samples for :func:`profile`."""
     spy = os.path.join(os.path.dirname(sys.executable), "py-spy")
     async with trioai(side, engine.address) as gw:
         await warm_up(side, gw.server.url)
@@ -455,7 +460,7 @@ async def profile(side: Side, engine: Process, streams: int, tokens: int, second
                 await trio.run_process([spy, "record", "-o", output, "--format", "raw", "--nolineno",
                                         "-d", str(max(1, round(seconds))), "-p", str(gw.pid)],
                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            return Profile.parse(await trio.Path(output).read_text())
+            return await trio.Path(output).read_text()
 
 
 # --- the run -------------------------------------------------------------------------------------
