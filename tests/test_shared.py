@@ -279,3 +279,30 @@ async def test_a_client_connection_to_a_crashed_instance_breaks(pair: tuple[Inst
                     await ws.get_message()
                 except ConnectionClosed:
                     break
+
+
+async def test_every_frame_a_client_gets_is_in_the_shared_log_first(pair: tuple[Instance, Instance]) -> None:
+    """Log, then send, also beside a generation that is not shared (whose deltas may take the fast
+    path that writes from the generation task): each frame of the shared one the client received was
+    in Redis by then, and the connection's fast path is back once it ended."""
+    first, _ = pair
+    shared = first.running.gateway.shared
+    assert shared is not None
+    async with open_websocket_url(first.url) as ws:
+        await send(ws, chat("count", max_tokens=20, id="plain"))
+        await send(ws, resumable("kept", tokens=20))
+        received: dict[str, list[dict[str, Any]]] = {"plain": [], "kept": []}
+        logged_when_received: list[bool] = []
+        token = None
+        while not all(events and events[-1]["type"] in ("done", "error") for events in received.values()):
+            event = json.loads(await ws.get_message())
+            received[event["id"]].append(event)
+            if event["id"] == "kept":
+                token = token or event.get("resume_token")
+                assert token is not None
+                logged = await shared.read_log(token, event["seq"] - 1)
+                logged_when_received.append(bool(logged) and logged[0][0] == event["seq"])
+        session = next(iter(first.running.server.sessions))
+        assert session.outbox.direct is not None  # no shared generation attached: the fast path again
+    assert all(logged_when_received) and len(logged_when_received) == len(received["kept"])
+    assert text_of(received["plain"]) == numbered(0, 20) and text_of(received["kept"]) == numbered(0, 20)

@@ -86,8 +86,7 @@ class Session:
         self.key_id = key_id  # the API key's id, when keys are configured
         self.outbox = Outbox(gateway.settings.stream_buffer_bytes, start_writer=self._start_writer,
                              connection_buffer_bytes=gateway.settings.connection_buffer_bytes)
-        if gateway.shared is None:  # shared generations' frames go to the shared log first: the writer does that
-            self.outbox.use_connection(ws)  # deltas written by their generation task when the socket is free
+        self.outbox.use_connection(ws)  # deltas written by their generation task when the socket is free
         self._shared: dict[str, Generation] | None = None  # shared generations by id (JSON), until their end is sent
         # The generations attached to this connection and not ended (they run in the registry).
         self.active: dict[RequestId, Generation] = {}
@@ -274,6 +273,7 @@ class Session:
         if self._shared is None:
             self._shared = {}
         self._shared[generation.sender.id_json] = generation
+        self.outbox.direct = None  # while one is attached, every frame goes through the writer, which logs first
 
     async def _log_shared(self, batch: list[str | list[str] | CloseFrame]) -> list[str | list[str] | CloseFrame]:
         """Append the frames of shared generations in ``batch`` to the shared log; the batch to send
@@ -291,6 +291,8 @@ class Session:
                     groups.setdefault(generation, []).append(item)
                     if is_terminal(item):
                         del table[key]  # type: ignore[arg-type]
+                        if not table:
+                            self.outbox.use_connection(self.ws)  # no shared generation left: the fast path again
         lost: set[str] = set()
         for generation, frames in groups.items():
             if not await shared.append(generation, frames):
