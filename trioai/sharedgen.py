@@ -28,6 +28,7 @@ Task tree (the service's nursery is opened by ``serve``)::
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -58,6 +59,7 @@ TERMINAL_TYPES: Final = ('{"type":"done"', '{"type":"error"', '{"type":"cancelle
 # --- pure parts -------------------------------------------------------------------------------
 
 
+@functools.lru_cache(maxsize=4096)  # asked at every append of a running generation
 def generation_key(token: str) -> str:
     """The state key of the generation ``token`` names: a hash, so the state never holds tokens."""
     return hashlib.sha256(token.encode()).hexdigest()[:40]
