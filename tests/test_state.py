@@ -183,6 +183,18 @@ async def test_append_and_read_after_a_seq(backend: Backend) -> None:
     assert await state.read("g", 2) == [(3, "three")]
 
 
+async def test_append_to_several_logs_in_one_call(backend: Backend) -> None:
+    state = backend.state
+    assert await state.append("b", [(1, "b1")], ttl=30, maxlen=100)
+    answers = await state.append_many([("a", [(1, "a1"), (2, "a2")]), ("b", [(1, "stale")]), ("c", [(1, "c1")])],
+                                      ttl=30, maxlen=100)
+    assert answers == [True, False, True]  # each log on its own: a stale one fails alone
+    assert await state.read("a", 0) == [(1, "a1"), (2, "a2")]
+    assert await state.read("b", 0) == [(1, "b1")]
+    assert await state.read("c", 0) == [(1, "c1")]
+    assert await state.append_many([], ttl=30, maxlen=100) == []
+
+
 async def test_a_log_is_bounded_and_expires(backend: Backend) -> None:
     state = backend.state
     for start in range(1, 1001, 100):

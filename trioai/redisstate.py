@@ -232,6 +232,18 @@ async def check_redis(url: str, seconds: float = 5.0) -> None:
     raise ConfigError(f"--redis {redact(url)}: cannot use this Redis: {reason}")
 
 
+def _append_args(entries: Sequence[LogEntry], ttl: float, maxlen: int) -> list[str | int | float]:
+    """The append script's arguments; ValueError unless the seqs increase from 1."""
+    args: list[str | int | float] = [_ms(ttl), maxlen]
+    previous = 0
+    for seq, frame in entries:
+        if seq <= previous:
+            raise ValueError(f"log entries need increasing seq from 1, got {seq} after {previous}")
+        previous = seq
+        args += [seq, frame]
+    return args
+
+
 def _first_leaf(group: BaseExceptionGroup[Exception]) -> Exception:
     leaf: Exception | BaseExceptionGroup[Exception] = group
     while isinstance(leaf, BaseExceptionGroup):
@@ -397,14 +409,23 @@ class RedisState:
 
     async def append(self, log: str, entries: Sequence[LogEntry], *, ttl: float, maxlen: int) -> bool:
         """See :meth:`trioai.state.State.append`."""
-        args: list[str | int | float] = [_ms(ttl), maxlen]
-        previous = 0
-        for seq, frame in entries:
-            if seq <= previous:
-                raise ValueError(f"log entries need increasing seq from 1, got {seq} after {previous}")
-            previous = seq
-            args += [seq, frame]
-        return await self._script(_APPEND, [self._key("log", log)], args) == 1
+        return await self._script(_APPEND, [self._key("log", log)], _append_args(entries, ttl, maxlen)) == 1
+
+    async def append_many(self, appends: Sequence[tuple[str, Sequence[LogEntry]]], *, ttl: float,
+                          maxlen: int) -> list[bool]:
+        """See :meth:`trioai.state.State.append_many`: one non-transactional pipeline (each append is
+        atomic by itself; a pipeline saves the per-call cost, ~200 µs of coredis against ~20 µs)."""
+        calls = [([self._key("log", log)], _append_args(entries, ttl, maxlen)) for log, entries in appends]
+
+        async def call(client: coredis.Redis[str]) -> list[bool]:
+            script = self._scripts.get(_APPEND)
+            if script is None:
+                script = self._scripts[_APPEND] = client.register_script(_APPEND)
+            async with client.pipeline(transaction=False) as pipe:
+                answers: list[Awaitable[object]] = [script(keys=keys, args=args, client=pipe) for keys, args in calls]
+            return [await answer == 1 for answer in answers]
+
+        return await self._call("append_many", call)
 
     async def read(self, log: str, after: int, limit: int = 1000) -> list[LogEntry]:
         """See :meth:`trioai.state.State.read`."""

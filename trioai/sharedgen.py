@@ -153,6 +153,18 @@ def summarize(frames: Iterable[tuple[int, str]]) -> LogSummary:
 # --- the service ------------------------------------------------------------------------------
 
 
+class _Batch:
+    """Appends gathered for one round trip, and their answers once it is done."""
+
+    __slots__ = ("appends", "results", "done", "failed")
+
+    def __init__(self) -> None:
+        self.appends: dict[str, list[tuple[int, str]]] = {}  # by log, in order
+        self.results: dict[str, bool] = {}
+        self.done = trio.Event()
+        self.failed = False
+
+
 class SharedGenerations:
     """This instance's side of shared generations: records, leases, appends, follows, takeovers."""
 
@@ -168,8 +180,10 @@ class SharedGenerations:
         self._records: dict[str, str] = {}
         self._nursery: trio.Nursery | None = None
         self.appended: dict[str, int] = {}  # by generation key: the last seq appended (running ones)
+        self._batch = _Batch()  # the appends the next round trip carries
+        self._wake = trio.Event()  # set when that batch has something
         self.degraded = False
-        self.appends = 0  # calls that appended frames (Redis round trips per generation: see bench)
+        self.appends = 0  # round trips that appended frames (each carries every pending one: see bench)
         self.on_append = on_append  # told of each (a metric)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -177,6 +191,7 @@ class SharedGenerations:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             nursery.start_soon(self._heartbeat)
+            nursery.start_soon(self._flush)
             task_status.started()
             await trio.sleep_forever()
 
@@ -230,17 +245,15 @@ class SharedGenerations:
                 entries.append((seq, frame))
         if not entries:
             return True
-        try:
-            added = await self.state.append(f"gen:{generation_key(generation.token)}", entries, ttl=self.log_ttl,
-                                            maxlen=self.maxlen)
-        except StateUnavailable as exc:
-            self._unavailable("append", exc)
+        key = generation_key(generation.token)
+        batch = self._batch
+        batch.appends.setdefault(f"gen:{key}", []).extend(entries)
+        self._wake.set()
+        await batch.done.wait()  # the flusher's round trip carries it with every other pending frame
+        if batch.failed:
             return True  # sent anyway: the client must not wait for Redis
-        self.appends += 1
-        if self.on_append is not None:
-            self.on_append()
+        added = batch.results.get(f"gen:{key}", True)
         if added:
-            key = generation_key(generation.token)
             self.appended[key] = entries[-1][0]
             if is_terminal(entries[-1][1]) and self.owned.pop(key, None) is not None:
                 # Its whole story is in the log: nobody needs to continue it, the lease can go.
@@ -248,6 +261,30 @@ class SharedGenerations:
                 with trio.move_on_after(self.lease), contextlib.suppress(StateUnavailable):
                     await self.state.release_lease(f"gen:{key}", self.instance)  # else it runs out by itself
         return added
+
+    async def _flush(self) -> None:
+        """Send every pending append of every connection and relay in one round trip, again and again:
+        while one is in flight the next batch gathers (one task, so appends keep their order)."""
+        while True:
+            await self._wake.wait()
+            self._wake = trio.Event()
+            batch, self._batch = self._batch, _Batch()
+            try:
+                answers = await self.state.append_many(list(batch.appends.items()), ttl=self.log_ttl,
+                                                       maxlen=self.maxlen)
+                batch.results = dict(zip(batch.appends, answers, strict=True))
+                self.appends += 1
+                if self.on_append is not None:
+                    self.on_append()
+            except StateUnavailable as exc:
+                self._unavailable("append", exc)
+                batch.failed = True
+            except Exception:
+                # A bug of ours must not stop every shared generation: these frames go unlogged.
+                log.exception("appending to the shared log failed")
+                batch.failed = True
+            finally:
+                batch.done.set()
 
     async def _heartbeat(self) -> None:
         interval = self.lease / 3

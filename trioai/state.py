@@ -103,6 +103,11 @@ class State(Protocol):
         already holds a ``seq`` at or past the first one: another writer got there first."""
         ...
 
+    async def append_many(self, appends: Sequence[tuple[str, Sequence[LogEntry]]], *, ttl: float,
+                          maxlen: int) -> list[bool]:
+        """:meth:`append` to several logs in one round trip; each one's answer, in order."""
+        ...
+
     async def read(self, log: str, after: int, limit: int = 1000) -> list[LogEntry]:
         """Up to ``limit`` entries of ``log`` with ``seq`` > ``after``, oldest first."""
         ...
@@ -314,6 +319,11 @@ class LocalState:
             state.changed.set()
             state.changed = trio.Event()
         return True
+
+    async def append_many(self, appends: Sequence[tuple[str, Sequence[LogEntry]]], *, ttl: float,
+                          maxlen: int) -> list[bool]:
+        """See :meth:`State.append_many`."""
+        return [await self.append(log, entries, ttl=ttl, maxlen=maxlen) for log, entries in appends]
 
     async def read(self, log: str, after: int, limit: int = 1000) -> list[LogEntry]:
         """See :meth:`State.read`."""
