@@ -138,13 +138,11 @@ class Gateway:
             body = payload(request, model)
             progress = Progress(body)
             if parts:  # else nothing was sent yet: the request runs as it was
-                follow_up = continuation(body, "".join(parts), len(parts) - trailing_whitespace(parts)[1], request)
-                if follow_up is None:
+                progress.text.extend(parts)
+                if not progress.continue_after_cut(request):
                     return Error(request_id, ErrorCode.UPSTREAM_DISCONNECTED,
                                  "the instance running this generation stopped, and its answer cannot be continued "
                                  "exactly (structured output was asked, or no tokens are left)")
-                progress.text.extend(parts)
-                progress.next_part(follow_up)
             async with self.pool.admission(model).slot(sender.queued):
                 stats.admitted_at = trio.current_time()
                 return await self._run(request, request_id, model, sender, stats, progress)
@@ -227,12 +225,8 @@ class Gateway:
         target = self.pool.alternative(model, tried, may_continue)
         if target is None:
             return False
-        whitespace_only = trailing_whitespace(progress.text)[1]
-        follow_up = continuation(progress.original, "".join(progress.text), len(progress.text) - whitespace_only,
-                                 request)
-        if follow_up is None:
+        if not progress.continue_after_cut(request):
             return False
-        progress.next_part(follow_up)
         self.engine_metrics.failovers.labels("continuation").inc()
         log.warning("request id=%s: engine %s failed after %d tokens (%s); continuing on engine %s", request_id,
                     engine.name, stats.deltas, exc.message, target.name)
@@ -359,6 +353,16 @@ class Progress:
         self.skip = ""  # text the next part writes again first (see continuation): not sent twice
         self._deltas_before = 0  # content deltas of the parts before the current one
         self._completion_tokens = 0  # their tokens, as the gateway counted them (their engines died first)
+
+    def continue_after_cut(self, request: ChatRequest) -> bool:
+        """Make the next part continue the text relayed so far (:func:`continuation` of the original
+        request, whitespace-only deltas not counted as produced); False when that cannot be exact."""
+        follow_up = continuation(self.original, "".join(self.text),
+                                 len(self.text) - trailing_whitespace(self.text)[1], request)
+        if follow_up is None:
+            return False
+        self.next_part(follow_up)
+        return True
 
     def next_part(self, body: dict[str, Any]) -> None:
         """The current part broke off: the next one sends ``body``; count what the broken one relayed."""

@@ -290,17 +290,14 @@ class Registry:
         A shared generation's frames no connection was sent go to the shared log from now on (a
         relay task appends them), so a resume on another instance finds them."""
         generation.session = None
-        if generation.finished:
-            generation.sender.detach()
-            if generation.shared and self.gateway.shared is not None:
-                self.gateway.shared.relay(generation)
-            return
-        if generation.token is None:
+        if generation.token is None and not generation.finished:
             generation.cancel("disconnect")
             return
         generation.sender.detach()
         if generation.shared and self.gateway.shared is not None:
             self.gateway.shared.relay(generation)
+        if generation.finished:
+            return
         generation.detached_at = trio.current_time()
         self._detached[generation] = None
         log.info("request conn=%d id=%s detached", generation.conn_id, generation.request_id)

@@ -182,7 +182,7 @@ class Server:
             return Response(503, b"draining\n")
         ready, detail = await self._ready_check.get()  # one check of the engines in flight, shared by every probe
         state = self.gateway.state
-        if self.gateway.settings.redis is not None and state is not None and not state.available:
+        if state is not None and not state.available:  # only a Redis state is ever unavailable
             detail += "shared state: degraded (Redis unavailable; serving with local state)\n"
         return Response(200 if ready else 503, detail.encode())
 

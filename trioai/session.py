@@ -54,7 +54,7 @@ from .protocol import (
     error_from,
     parse_client_event,
 )
-from .sharedgen import frame_id, is_terminal
+from .sharedgen import BATCH, frame_id, is_terminal
 from .state import StateUnavailable
 
 log = logging.getLogger("trioai.session")
@@ -66,8 +66,6 @@ CLOSE_POLICY_VIOLATION: Final = 1008
 #: Ids of ended generations remembered per connection, so that a ``cancel`` which crossed the
 #: terminal event on the wire is ignored instead of answered with ``unknown_id``.
 ENDED_IDS_REMEMBERED: Final = 64
-#: Frames of a connection appended to the shared log in one call at most (log, then send).
-SHARED_BATCH: Final = 64
 
 
 class Session:
@@ -429,7 +427,7 @@ class Session:
                     continue
                 batch: list[str | list[str] | CloseFrame] = [frame]
                 if self._shared:  # log, then send: every frame waiting goes to the shared log in one call
-                    while len(batch) < SHARED_BATCH and not isinstance(batch[-1], CloseFrame):
+                    while len(batch) < BATCH and not isinstance(batch[-1], CloseFrame):
                         more = outbox.pop()
                         if more is None:
                             break

@@ -49,7 +49,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("trioai.shared")
 
-#: Frames appended in one call at most (the rest go in the next).
+#: Frames a writer or relay appends at once at most (the rest go in the next flush).
 BATCH: Final = 64
 #: How long one blocking read of a followed log waits before the owner's lease is checked.
 FOLLOW_WAIT: Final = 1.0
@@ -182,8 +182,6 @@ class SharedGenerations:
         self.appended: dict[str, int] = {}  # by generation key: the last seq appended (running ones)
         self._batch = _Batch()  # the appends the next round trip carries
         self._wake = trio.Event()  # set when that batch has something
-        self.degraded = False
-        self.appends = 0  # round trips that appended frames (each carries every pending one: see bench)
         self.on_append = on_append  # told of each (a metric)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -194,17 +192,6 @@ class SharedGenerations:
             nursery.start_soon(self._flush)
             task_status.started()
             await trio.sleep_forever()
-
-    def _unavailable(self, what: str, exc: StateUnavailable) -> None:
-        if not self.degraded:
-            log.warning("shared state unavailable (%s: %s): resumes stay within this instance until it is back",
-                        what, exc)
-        self.degraded = True
-
-    def _available(self) -> None:
-        if self.degraded:
-            log.info("shared state is back: new resumable generations are shared again")
-        self.degraded = False
 
     # --- owner side ---------------------------------------------------------------------------
 
@@ -218,10 +205,8 @@ class SharedGenerations:
             await self.state.put_record(f"gen:{key}", text, self.log_ttl)
             if not await self.state.acquire_lease(f"gen:{key}", self.instance, self.lease):
                 return False  # a token collision (2^-192) or a replayed registration: not ours
-        except StateUnavailable as exc:
-            self._unavailable("register", exc)
-            return False
-        self._available()
+        except StateUnavailable:
+            return False  # the state logs that it is away: this generation stays local
         self.owned[key] = generation
         self._records[key] = text
         return True
@@ -273,12 +258,10 @@ class SharedGenerations:
                 answers = await self.state.append_many(list(batch.appends.items()), ttl=self.log_ttl,
                                                        maxlen=self.maxlen)
                 batch.results = dict(zip(batch.appends, answers, strict=True))
-                self.appends += 1
                 if self.on_append is not None:
                     self.on_append()
-            except StateUnavailable as exc:
-                self._unavailable("append", exc)
-                batch.failed = True
+            except StateUnavailable:
+                batch.failed = True  # the state logs that it is away
             except Exception:
                 # A bug of ours must not stop every shared generation: these frames go unlogged.
                 log.exception("appending to the shared log failed")
@@ -303,9 +286,8 @@ class SharedGenerations:
                     await self.state.put_record(f"gen:{key}", self._records[key], self.log_ttl)
                     if await self.state.get_record(f"cancel:{key}") is not None:
                         generation.cancel("cancel")
-                except StateUnavailable as exc:
-                    self._unavailable("heartbeat", exc)
-                    break
+                except StateUnavailable:
+                    break  # the state logs that it is away; the next round tries again
                 except KeyError:
                     continue  # ended meanwhile
 
