@@ -149,10 +149,6 @@ class Engine:
         """Whether it may take one more request (its own ``max_concurrency``)."""
         return self.in_flight < self.capacity
 
-    def serves(self, model: str) -> bool:
-        """Whether it lists (or was configured with) ``model``."""
-        return model in self.models
-
     async def discover(self) -> tuple[str, ...]:
         """Its models: configured, or listed by the engine (one listing in flight, shared)."""
         if self.discovered:
@@ -404,9 +400,13 @@ class EnginePool:
         try:
             yield engine
         finally:
-            engine.in_flight -= 1
-            if self._room:
-                self._room.unpark_all()
+            self._leave(engine)
+
+    def _leave(self, engine: Engine) -> None:
+        """A request no longer holds room on ``engine``: waiters for room look again."""
+        engine.in_flight -= 1
+        if self._room:
+            self._room.unpark_all()
 
     def _needs_engine_slots(self, model: str) -> bool:
         """Whether a cluster slot of the engine is needed besides the model's: unless the model has
@@ -437,20 +437,18 @@ class EnginePool:
                 taken, holder = await cluster.take(pool, engine.capacity)
             finally:
                 if not taken:
-                    engine.in_flight -= 1
-                    if self._room:
-                        self._room.unpark_all()
+                    self._leave(engine)
             if taken:
                 break
             full.add(engine.name)
         try:
             yield engine
         finally:
-            engine.in_flight -= 1
-            if holder is not None:
-                await cluster.release(pool, holder)
-            if self._room:
-                self._room.unpark_all()
+            try:
+                if holder is not None:
+                    await cluster.release(pool, holder)
+            finally:
+                self._leave(engine)  # after the release: woken waiters find the cluster slot free
 
     def alternative(self, model: str, avoid: Collection[str],
                     usable: Callable[[Engine], bool] | None = None) -> Engine | None:
@@ -577,12 +575,6 @@ class EnginePool:
     def queued(self) -> int:
         """Requests waiting for capacity, all models."""
         return sum(a.queued for a in self.admissions)
-
-    async def aclose(self) -> None:
-        """Close every engine's connections."""
-        for engine in self.engines:
-            with trio.CancelScope(shield=True):
-                await engine.upstream.aclose()
 
 
 def metrics_url(base_url: str) -> str:
