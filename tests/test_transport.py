@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 
 import httpx
 import pytest
@@ -347,3 +347,212 @@ def socket_closed_port() -> Iterator[int]:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     yield port
+
+
+# --- send_now: a request written without an await (Gateway.begin's eager start) ---------------------
+
+
+async def answering_each_request(stream: trio.SocketStream) -> None:
+    """A raw server's handler: ``OK`` for every request read, on one keep-alive connection."""
+    while await stream.receive_some(65536):
+        await stream.send_all(OK)
+
+
+async def read_to_the_end(response: httpx.Response) -> bytes:
+    """The whole body, the response then closed (its connection pooled, having been read to its end)."""
+    body = await response.aread()
+    await response.aclose()
+    return body
+
+
+async def test_send_now_writes_on_a_pooled_connection_before_it_returns(nursery: trio.Nursery) -> None:
+    """On an idle pooled connection the request is all written inside send_now (REQUEST_WRITTEN has
+    run); response() reads the answer, and the connection goes back to the pool."""
+    base_url = await raw_server(nursery, answering_each_request)
+    transport = H11Transport()
+    assert await read_to_the_end(await transport.handle_async_request(httpx.Request("GET", base_url + "/x"))) == b"ok"
+    assert (transport.connections_open, transport.connections_idle) == (1, 1)
+    written: list[int] = []
+    sent = transport.send_now(httpx.Request("GET", base_url + "/x",
+                                            extensions={REQUEST_WRITTEN: lambda: written.append(1)}))
+    assert sent is not None
+    assert written == [1]  # before any await
+    assert (transport.connections_open, transport.connections_idle) == (1, 0)  # the pooled one, taken
+    with trio.fail_after(5):
+        response = await sent.response()
+        assert response.status_code == 200
+        assert await read_to_the_end(response) == b"ok"
+    assert written == [1]  # not run again by response()
+    assert (transport.connections_open, transport.connections_idle) == (1, 1)
+    await transport.aclose()
+
+
+async def test_send_now_opens_a_connection_to_an_address(nursery: trio.Nursery) -> None:
+    """No idle connection, an IP address: send_now opens one itself (no await) and the answer is read."""
+    base_url = await raw_server(nursery, answering_each_request)
+    transport = H11Transport()
+    written: list[int] = []
+    sent = transport.send_now(httpx.Request("GET", base_url + "/x",
+                                            extensions={REQUEST_WRITTEN: lambda: written.append(1)}))
+    assert sent is not None
+    assert (transport.connections_open, transport.connections_idle) == (1, 0)
+    with trio.fail_after(5):
+        assert await read_to_the_end(await sent.response()) == b"ok"
+    assert written == [1]
+    assert (transport.connections_open, transport.connections_idle) == (1, 1)
+    await transport.aclose()
+
+
+async def _streamed_body() -> AsyncIterator[bytes]:
+    yield b"not in memory"
+
+
+@pytest.mark.parametrize("case", ["https", "host-name", "streamed-body"])
+async def test_send_now_declines_what_it_cannot_write_at_once(nursery: trio.Nursery, case: str) -> None:
+    """TLS, a name to resolve, a body not in memory: None, and no connection opened."""
+    base_url = await raw_server(nursery, answering_each_request)
+    port = base_url.rsplit(":", 1)[1]
+    request = {
+        "https": lambda: httpx.Request("GET", f"https://127.0.0.1:{port}/x"),
+        "host-name": lambda: httpx.Request("GET", f"http://localhost:{port}/x"),
+        "streamed-body": lambda: httpx.Request("POST", base_url + "/x", content=_streamed_body()),
+    }[case]()
+    transport = H11Transport()
+    assert transport.send_now(request) is None
+    assert transport.connections_open == 0
+    await transport.aclose()
+
+
+async def test_send_now_declines_when_the_pool_is_full(nursery: trio.Nursery) -> None:
+    """max_connections reached (a response still open): None, and nothing else opened."""
+    base_url = await raw_server(nursery, answering_each_request)
+    transport = H11Transport(max_connections=1)
+    with trio.fail_after(5):
+        response = await transport.handle_async_request(httpx.Request("GET", base_url + "/x"))
+    assert (transport.connections_open, transport.connections_idle) == (1, 0)
+    assert transport.send_now(httpx.Request("GET", base_url + "/x")) is None
+    assert (transport.connections_open, transport.connections_idle) == (1, 0)
+    assert await read_to_the_end(response) == b"ok"
+    assert transport.send_now(httpx.Request("GET", base_url + "/x")) is not None  # now the idle one is free
+    await transport.aclose()
+
+
+async def test_abandoning_a_sent_request_closes_its_connection(nursery: trio.Nursery) -> None:
+    """abandon() closes the connection (the engine sees EOF, the slot is free); abandon() again does
+    nothing more, and response() after it raises StreamClosed."""
+    closed = trio.Event()
+    received = trio.Event()
+
+    async def read_the_request_then_watch(stream: trio.SocketStream) -> None:
+        data = b""
+        while b"\r\n\r\n" not in data:
+            data += await stream.receive_some(65536)
+        received.set()
+        await watching_for_eof(closed)(stream)
+
+    base_url = await raw_server(nursery, read_the_request_then_watch)
+    transport = H11Transport()
+    sent = transport.send_now(httpx.Request("GET", base_url + "/x"))
+    assert sent is not None
+    with trio.fail_after(5):
+        await received.wait()
+    assert not closed.is_set()
+    sent.abandon()
+    assert (transport.connections_open, transport.connections_idle) == (0, 0)
+    with trio.fail_after(5):
+        await closed.wait()
+    sent.abandon()
+    assert (transport.connections_open, transport.connections_idle) == (0, 0)  # the slot not given back twice
+    with pytest.raises(httpx.StreamClosed):
+        await sent.response()
+    assert transport.connections_open == 0
+    await transport.aclose()
+
+
+async def test_abandon_after_response_leaves_the_connection_to_the_response(nursery: trio.Nursery) -> None:
+    """Once response() took the connection, abandon() does not close it; response() again raises."""
+    base_url = await raw_server(nursery, answering_each_request)
+    transport = H11Transport()
+    sent = transport.send_now(httpx.Request("GET", base_url + "/x"))
+    assert sent is not None
+    with trio.fail_after(5):
+        response = await sent.response()
+    sent.abandon()
+    assert transport.connections_open == 1
+    with pytest.raises(httpx.StreamClosed):
+        await sent.response()
+    assert await read_to_the_end(response) == b"ok"
+    assert (transport.connections_open, transport.connections_idle) == (1, 1)
+    await transport.aclose()
+
+
+BIG_BODY = 16 * 1024 * 1024  # more than the kernel's socket buffers take at once
+
+
+async def test_what_send_now_could_not_write_is_written_by_response(nursery: trio.Nursery) -> None:
+    """A body larger than the socket buffers: send_now writes what the kernel takes; REQUEST_WRITTEN
+    runs only once response() has written the rest, and the engine (which answers after reading the
+    whole body) answers."""
+    bodies: list[int] = []
+
+    async def read_whole_body_then_answer(stream: trio.SocketStream) -> None:
+        data = b""
+        while b"\r\n\r\n" not in data:
+            data += await stream.receive_some(65536)
+        head, _, body = data.partition(b"\r\n\r\n")
+        length = next(int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
+                      if line.lower().startswith(b"content-length:"))
+        size = len(body)
+        while size < length:
+            chunk = await stream.receive_some(1 << 20)
+            assert chunk
+            size += len(chunk)
+        bodies.append(size)
+        await stream.send_all(OK)
+        await stream.receive_some(65536)
+
+    base_url = await raw_server(nursery, read_whole_body_then_answer)
+    transport = H11Transport()
+    written: list[int] = []
+    request = httpx.Request("POST", base_url + "/x", content=b"x" * BIG_BODY,
+                            extensions={REQUEST_WRITTEN: lambda: written.append(len(bodies))})
+    sent = transport.send_now(request)
+    assert sent is not None
+    assert written == []  # the kernel did not take 16 MiB at once
+    with trio.fail_after(10):
+        response = await sent.response()
+        assert written == [0]  # once, when the last byte was out, before the engine answered
+        assert await read_to_the_end(response) == b"ok"
+    assert bodies == [BIG_BODY]
+    assert written == [0]
+    await transport.aclose()
+
+
+@pytest.mark.parametrize("opened_by", ["handle_async_request", "send_now"])
+async def test_a_reused_connection_is_no_longer_connecting(nursery: trio.Nursery, opened_by: str) -> None:
+    """However a new connection's first request was written, the connect is over once it was: the
+    next request on it, stuck writing, times out as a write (WriteTimeout, the write timeout), not
+    as a connect (ConnectTimeout, under the connect timeout)."""
+    async def answer_once_then_stop_reading(stream: trio.SocketStream) -> None:
+        await stream.receive_some(65536)
+        await stream.send_all(OK)
+        await stream.receive_some(65536)  # the start of the next request, then nothing more is read
+        await trio.sleep_forever()
+
+    base_url = await raw_server(nursery, answer_once_then_stop_reading)
+    transport = H11Transport()
+    with trio.fail_after(5):
+        if opened_by == "send_now":
+            sent = transport.send_now(httpx.Request("GET", base_url + "/x"))
+            assert sent is not None
+            response = await sent.response()
+        else:
+            response = await transport.handle_async_request(httpx.Request("GET", base_url + "/x"))
+        assert await read_to_the_end(response) == b"ok"
+    assert (transport.connections_open, transport.connections_idle) == (1, 1)
+    timeouts = {"connect": 1.0, "write": 0.2, "read": 5.0, "pool": 5.0}
+    request = httpx.Request("POST", base_url + "/x", content=b"x" * BIG_BODY, extensions={"timeout": timeouts})
+    with trio.fail_after(10), pytest.raises(httpx.WriteTimeout):
+        await transport.handle_async_request(request)
+    assert transport.connections_open == 0
+    await transport.aclose()

@@ -83,15 +83,31 @@ class Admission:
         requests each extra yield makes every request wait for a pass over all the others before
         it is sent (one fewer: burst TTFT p50 83 → 79 ms over 64 requests, docs/benchmarks.md).
         """
-        borrower = object()
-        try:
-            self.limiter.acquire_on_behalf_of_nowait(borrower)
-        except trio.WouldBlock:
+        borrower = self._take_free()
+        if borrower is None:
+            borrower = object()
             await self._wait_in_line(borrower, report_position)
         try:
             yield
         finally:
-            self.limiter.release_on_behalf_of(borrower)
+            self.release(borrower)
+
+    def take_now(self) -> object | None:
+        """One unit of capacity if it is free now (nobody waits and a token is left), as the
+        borrower to :meth:`release` it with; else None. No schedule point."""
+        return self._take_free()
+
+    def _take_free(self) -> object | None:
+        borrower = object()
+        try:
+            self.limiter.acquire_on_behalf_of_nowait(borrower)
+        except trio.WouldBlock:
+            return None
+        return borrower
+
+    def release(self, borrower: object) -> None:
+        """Give back the unit :meth:`take_now` (or :meth:`slot`) took for ``borrower``."""
+        self.limiter.release_on_behalf_of(borrower)
 
     async def _wait_in_line(self, borrower: object, report_position: Callable[[int], None]) -> None:
         waiter = _Waiter(self._next_ticket, report_position)

@@ -245,6 +245,10 @@ class ClusterAdmission(Admission):
         """Whether a new request would have to wait (as far as this instance knows)."""
         return self.cluster_waiting > 0 or super().full
 
+    def take_now(self) -> object | None:
+        """None: a cluster slot is a round trip to the shared state (:meth:`slot` takes it)."""
+        return None
+
     def _count_waiting(self, change: int) -> None:
         self.cluster_waiting += change
 

@@ -317,6 +317,13 @@ class EnginePool:
         raise UpstreamError(ErrorCode.MODEL_NOT_FOUND, f"model {model!r} is not served here; served models: {served}",
                             param="model")
 
+    def known_model(self, model: str | None) -> str | None:
+        """What :meth:`resolve` would answer without asking an engine anything; None when it would
+        have to ask (an engine not yet discovered, no default yet) or refuse the model."""
+        if model is None:
+            return self.default_model
+        return model if model in self._serving else None
+
     async def _default_from_first_engine(self) -> str:
         """The first model of the first engine (in configuration order) that lists one."""
         await self._discover([e for e in self.engines if not e.discovered])
@@ -400,10 +407,20 @@ class EnginePool:
         try:
             yield engine
         finally:
-            self._leave(engine)
+            self.leave(engine)
 
-    def _leave(self, engine: Engine) -> None:
-        """A request no longer holds room on ``engine``: waiters for room look again."""
+    def engine_now(self, model: str, prefer: str | None = None) -> Engine | None:
+        """Room on an engine of ``model`` taken now, as :meth:`engine_for` would (give it back with
+        :meth:`leave`); None when it would have to wait, or take a cluster slot first."""
+        if self.cluster is not None and not self.single and self._needs_engine_slots(model):
+            return None
+        engine = choose(self._serving.get(model) or self.engines, prefer, ())
+        if engine is not None:
+            engine.in_flight += 1
+        return engine
+
+    def leave(self, engine: Engine) -> None:
+        """A request no longer holds the room it took on ``engine``: waiters for room look again."""
         engine.in_flight -= 1
         if self._room:
             self._room.unpark_all()
@@ -437,7 +454,7 @@ class EnginePool:
                 taken, holder = await cluster.take(pool, engine.capacity)
             finally:
                 if not taken:
-                    self._leave(engine)
+                    self.leave(engine)
             if taken:
                 break
             full.add(engine.name)
@@ -448,7 +465,7 @@ class EnginePool:
                 if holder is not None:
                     await cluster.release(pool, holder)
             finally:
-                self._leave(engine)  # after the release: woken waiters find the cluster slot free
+                self.leave(engine)  # after the release: woken waiters find the cluster slot free
 
     def alternative(self, model: str, avoid: Collection[str],
                     usable: Callable[[Engine], bool] | None = None) -> Engine | None:

@@ -11,7 +11,8 @@ scope, and leaving the ``stream_chat`` block closes the upstream stream.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, Final, Protocol
 
@@ -28,6 +29,7 @@ from .protocol import AssembledToolCall, ChatRequest, Done, Error, Failover, Req
 from .ratelimit import RateLimiter
 from .sharedgen import SharedGenerations
 from .state import State
+from .transport import SentRequest
 from .upstream import Upstream
 
 log = logging.getLogger("trioai.gateway")
@@ -102,14 +104,51 @@ class Gateway:
         """The default model: configured, or the first the first engine lists (asked once)."""
         return await self.pool.resolve(None)
 
+    def begin(self, request: ChatRequest, request_id: RequestId, sender: StreamSender, stats: RequestStats,
+              *, resume_token: str | None = None) -> Begun | None:
+        """Start a generation up to its engine request written, now, when nothing on the way has to
+        wait: the model known, capacity and engine room free, the client's buffer not full, an idle
+        connection to the engine. Else None, and nothing was done (:meth:`generate` does it all).
+
+        The session calls this in the step that took the request's frame, before its next frame:
+        in a burst of requests each then reaches its engine after its own work alone, not after a
+        pass over the whole burst (issue 19's request start). :meth:`generate` with ``begun`` reads
+        the answer; the ``start`` event is queued here, as :meth:`generate` would.
+        """
+        pool = self.pool
+        model = pool.known_model(request.model)
+        if model is None or not sender.has_room:
+            return None
+        admission = pool.admission(model)
+        borrower = admission.take_now()
+        if borrower is None:
+            return None
+        engine = pool.engine_now(model, stats.prefer_engine)
+        if engine is None:
+            admission.release(borrower)
+            return None
+        progress = Progress(payload(request, model))
+        sent = engine.upstream.send_chat_now(progress.payload, started_at=stats.received_at)
+        if sent is None:
+            pool.leave(engine)
+            admission.release(borrower)
+            return None
+        stats.admitted_at = trio.current_time()
+        sender.event(Started(request_id, model, resume_token))
+        return Begun(pool, model, admission, borrower, engine, progress, sent)
+
     async def generate(
         self, request: ChatRequest, request_id: RequestId, sender: StreamSender, stats: RequestStats,
-        *, resume_token: str | None = None,
+        *, resume_token: str | None = None, begun: Begun | None = None,
     ) -> Done | Error:
         """Run one generation, sending its events through ``sender``; return its terminal event.
 
-        ``resume_token`` goes out in ``start`` (a resumable generation)."""
+        ``resume_token`` goes out in ``start`` (a resumable generation). ``begun``: what
+        :meth:`begin` started of it (released here, whatever happens)."""
         try:
+            if begun is not None:
+                with begun:
+                    return await self._run(request, request_id, begun.model, sender, stats, begun.progress, begun)
             model = await self.pool.resolve(request.model)
             admission = self.pool.admission(model)
             max_queue = self.settings.max_queue
@@ -151,7 +190,7 @@ class Gateway:
 
     async def _run(
         self, request: ChatRequest, request_id: RequestId, model: str, sender: StreamSender, stats: RequestStats,
-        progress: Progress | None = None,
+        progress: Progress | None = None, begun: Begun | None = None,
     ) -> Done:
         """Relay the request from an engine; on failure, try again where that is safe.
 
@@ -172,10 +211,13 @@ class Gateway:
         if progress.continuations:
             usable = may_continue
         while True:
-            async with self.pool.engine_for(model, prefer, tried, usable) as engine:
+            # The first attempt of a begun generation: its engine and request are taken already.
+            holding = begun.engine_held() if begun is not None else self.pool.engine_for(model, prefer, tried, usable)
+            async with holding as engine:
                 stats.engine = engine.name
                 try:
-                    done = await self._relay(engine, request_id, sender, stats, progress)
+                    done = await self._relay(engine, request_id, sender, stats, progress,
+                                             begun.sent if begun is not None else None)
                 except UpstreamError as exc:
                     self.pool.record(engine, exc)
                     self.engine_metrics.requests.labels(engine.name, "failed").inc()
@@ -186,6 +228,7 @@ class Gateway:
                     return done
             tried.append(engine.name)
             prefer = None
+            begun = None
             if not stats.deltas:
                 retries = await self._before_first_token(failure, request_id, model, tried, retries, stats)
                 continue
@@ -234,7 +277,8 @@ class Gateway:
         return True
 
     async def _relay(
-        self, engine: Engine, request_id: RequestId, sender: StreamSender, stats: RequestStats, progress: Progress
+        self, engine: Engine, request_id: RequestId, sender: StreamSender, stats: RequestStats, progress: Progress,
+        sent: SentRequest | None = None,
     ) -> Done:
         finish_reason: str | None = None
         prompt_tokens: int | None = None
@@ -242,7 +286,7 @@ class Gateway:
         calls = progress.calls
         text = progress.text
         started_at = None if stats.retries or stats.deltas else stats.received_at  # request start: 1st attempt
-        async with engine.upstream.stream_chat(progress.payload, started_at=started_at) as chunks:
+        async with engine.upstream.stream_chat(progress.payload, started_at=started_at, sent=sent) as chunks:
             async for chunk in chunks:
                 over = False
                 if chunk.reasoning:  # a reasoning model's thinking comes before its answer
@@ -273,6 +317,49 @@ class Gateway:
         stats.completion_tokens = None if usage.source == "gateway" else usage.completion_tokens
         return Done(request_id, finish_reason, usage, stats.ttft_ms, _decode_rate(usage.completion_tokens, stats),
                     tuple(AssembledToolCall(c[0], c[1], "".join(c[2])) for _, c in sorted(calls.items())))
+
+
+class Begun:
+    """What :meth:`Gateway.begin` started of a generation: its model, capacity unit, engine room
+    and written request. As a context manager it gives back, on exit, whatever is still held
+    (each once): the unit, the engine's room, the request's connection if its answer was not read."""
+
+    __slots__ = ("model", "engine", "progress", "sent", "_pool", "_admission", "_borrower", "_on_engine")
+
+    def __init__(self, pool: EnginePool, model: str, admission: Admission, borrower: object, engine: Engine,
+                 progress: Progress, sent: SentRequest) -> None:
+        self.model = model
+        self.engine = engine
+        self.progress = progress
+        self.sent = sent
+        self._pool = pool
+        self._admission = admission
+        self._borrower: object | None = borrower
+        self._on_engine = True
+
+    def __enter__(self) -> Begun:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.sent.abandon()
+        self._leave_engine()
+        borrower, self._borrower = self._borrower, None
+        if borrower is not None:
+            self._admission.release(borrower)
+
+    @asynccontextmanager
+    async def engine_held(self) -> AsyncIterator[Engine]:
+        """The engine for the first attempt's body (as ``EnginePool.engine_for``); its room is given
+        back after it."""
+        try:
+            yield self.engine
+        finally:
+            self._leave_engine()
+
+    def _leave_engine(self) -> None:
+        if self._on_engine:
+            self._on_engine = False
+            self._pool.leave(self.engine)
 
 
 def may_continue(engine: Engine) -> bool:

@@ -43,7 +43,7 @@ from .sharedgen import Record, is_terminal, summarize
 from .state import StateUnavailable
 
 if TYPE_CHECKING:
-    from .gateway import Gateway, RequestStats
+    from .gateway import Begun, Gateway, RequestStats
     from .session import Session
 
 log = logging.getLogger("trioai.session")
@@ -128,7 +128,10 @@ class Registry:
         if token is not None:
             self._by_token[token] = generation
             sender.on_log_change = lambda size: self._log_changed(generation, size)
-        self._nursery.start_soon(self._run, generation, request)
+        begun = None
+        if token is None or self.gateway.shared is None:  # a shared one is registered in Redis first
+            begun = self.gateway.begin(request, request_id, sender, stats, resume_token=token)
+        self._nursery.start_soon(self._run, generation, request, None, begun)
         return generation
 
     def find(self, request_id: RequestId, token: str, key_id: str | None) -> Generation:
@@ -350,7 +353,7 @@ class Registry:
                 self._forget(victim)
 
     async def _run(self, generation: Generation, request: ChatRequest,
-                   continued: tuple[str, ...] | None = None) -> None:
+                   continued: tuple[str, ...] | None = None, begun: Begun | None = None) -> None:
         sender = generation.sender
         stats = generation.stats
         request_id = generation.request_id
@@ -362,7 +365,7 @@ class Registry:
                 else:
                     if generation.token is not None and sender.encoder is None and self.gateway.shared is not None:
                         await self._share(generation, request)
-                    terminal = await self._generate(generation, request)
+                    terminal = await self._generate(generation, request, begun=begun)
                 outcome, code = ("error", terminal.code) if isinstance(terminal, Error) else ("done", None)
                 sender.event(terminal)
             if generation.scope.cancelled_caught and not sender.finished:
@@ -377,6 +380,8 @@ class Registry:
                     outcome = "abandoned"
                 # "disconnect": nobody to tell; stays "aborted".
         finally:
+            if begun is not None:
+                begun.__exit__(None, None, None)  # gives back what nothing took over (done already, usually)
             generation.ended_at = now = trio.current_time()
             self._detached.pop(generation, None)
             if generation.token is not None and outcome not in ("aborted", "abandoned"):
@@ -419,13 +424,13 @@ class Registry:
             shared.relay(generation)  # its connection was lost meanwhile
 
     async def _generate(self, generation: Generation, request: ChatRequest,
-                        continued: tuple[str, ...] | None = None) -> Done | Error:
+                        continued: tuple[str, ...] | None = None, begun: Begun | None = None) -> Done | Error:
         try:
             if continued is not None:
                 return await self.gateway.continue_from(request, generation.request_id, continued, generation.sender,
                                                         generation.stats)
             return await self.gateway.generate(request, generation.request_id, generation.sender, generation.stats,
-                                               resume_token=generation.token)
+                                               resume_token=generation.token, begun=begun)
         except Exception:
             # A bug of ours must cost one request, not the connection or the server.
             log.exception("request conn=%d id=%s failed unexpectedly", generation.conn_id, generation.request_id)

@@ -755,6 +755,11 @@ class StreamSender:
         self.outbox = None
         return outbox.remove_stream(self)
 
+    @property
+    def has_room(self) -> bool:
+        """Whether :meth:`wait_for_room` would return at once (attached, the connection not over its bound)."""
+        return self.outbox is not None and not self.outbox.full
+
     async def wait_for_room(self) -> None:
         """Wait while the connection's unsent frames are over their bound (before a new request starts)."""
         if self.outbox is None:

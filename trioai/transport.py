@@ -139,9 +139,68 @@ class H11Transport(httpx.AsyncBaseTransport):
             conn = await self._open(request, origin, timeouts)
         try:
             await self._send_request(conn, request, timeouts.get("connect" if conn.connecting else "write"))
-            written = request.extensions.get(REQUEST_WRITTEN)
-            if written is not None:
-                written()
+            _written(request)
+        except BaseException:
+            self._discard(conn)
+            raise
+        return await self._respond(conn, request)
+
+    def send_now(self, request: httpx.Request) -> SentRequest | None:
+        """Write ``request`` without waiting, on an idle pooled connection or a new one to an IP
+        address (plain HTTP); None (nothing sent) when that is not possible: TLS, a host name to
+        resolve, no free connection slot, a body that is not in memory.
+
+        What the kernel does not take at once is written by :meth:`SentRequest.response`, which reads
+        the answer.
+        This is how a generation's first request is written in the step that took its frame
+        (``Gateway.begin``): in a burst, every yield before the write makes the request wait for a
+        pass over all the others.
+        """
+        url = request.url
+        if self._closed or url.scheme != "http" or not isinstance(request.stream, httpx.ByteStream):
+            return None
+        origin = (url.raw_scheme, url.raw_host, url.port or 80)
+        conn = self._take_idle(origin) or self._open_now(origin)
+        if conn is None:
+            return None
+        data = _request_bytes(conn, request, [request.content])
+        try:
+            written = os.write(conn.socket.fileno(), data)
+        except BlockingIOError:
+            written = 0
+        except OSError:  # the engine closed it meanwhile, or it broke: the caller takes the usual path
+            self._discard(conn)
+            return None
+        if written:
+            conn.connecting = False  # the kernel took bytes: the connect is over
+        if written == len(data):
+            _written(request)
+        return SentRequest(self, conn, request, data[written:])
+
+    def _open_now(self, origin: tuple[bytes, bytes, int]) -> _Connection | None:
+        """A new plain-HTTP connection to an IP address, its connect started (see :func:`_connect_tcp`);
+        None when no slot is free, the host is a name, or the connect failed at once."""
+        try:
+            ipaddress.ip_address(origin[1].decode("ascii"))
+            self._slots.acquire_nowait()
+        except (ValueError, trio.WouldBlock):
+            return None
+        try:
+            tcp, pending = _start_connect(origin[1].decode("ascii"), origin[2])
+        except OSError:
+            self._slots.release()
+            return None
+        conn = _Connection(origin, tcp, tcp.socket)
+        conn.connecting = pending
+        return conn
+
+    async def _respond(self, conn: _Connection, request: httpx.Request, unsent: bytes = b"") -> httpx.Response:
+        """Write what is left of ``request`` on ``conn``, then read the answer's head."""
+        timeouts = request.extensions.get("timeout", {})
+        try:
+            if unsent:
+                await self._write(conn, request, unsent, timeouts.get("write"))
+                _written(request)
             head = await self._receive_head(conn, request, timeouts.get("read"))
         except BaseException:
             self._discard(conn)
@@ -213,15 +272,14 @@ class H11Transport(httpx.AsyncBaseTransport):
             raise
 
     async def _send_request(self, conn: _Connection, request: httpx.Request, write_timeout: float | None) -> None:
-        target = request.url.raw_path
-        parts = [conn.h11.send(h11.Request(method=request.method, target=target, headers=request.headers.raw))]
         assert isinstance(request.stream, httpx.AsyncByteStream)
-        async for chunk in request.stream:
-            parts.append(conn.h11.send(h11.Data(data=chunk)))
-        parts.append(conn.h11.send(h11.EndOfMessage()))
+        await self._write(conn, request, _request_bytes(conn, request, [chunk async for chunk in request.stream]),
+                          write_timeout)
+
+    async def _write(self, conn: _Connection, request: httpx.Request, data: bytes, write_timeout: float | None) -> None:
         with trio.move_on_after(_seconds(write_timeout)) as writing:
             try:
-                await conn.send(b"".join(p for p in parts if p))
+                await conn.send(data)
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
                 if conn.connecting:  # the connect failed (refused, unreachable): say so, as before
                     cause = exc.__cause__ or exc
@@ -260,6 +318,51 @@ class H11Transport(httpx.AsyncBaseTransport):
     def _discard(self, conn: _Connection) -> None:
         conn.close()
         self._slots.release()
+
+
+class SentRequest:
+    """A request :meth:`H11Transport.send_now` wrote (or began to write) on a pooled connection.
+
+    Exactly one of :meth:`response` (write the rest, read the answer) or :meth:`abandon` (close
+    the connection) should follow; both are safe to call again, and after each other.
+    """
+
+    __slots__ = ("request", "_transport", "_conn", "_unsent")
+
+    def __init__(self, transport: H11Transport, conn: _Connection, request: httpx.Request, unsent: bytes) -> None:
+        self.request = request
+        self._transport = transport
+        self._conn: _Connection | None = conn
+        self._unsent = unsent
+
+    async def response(self) -> httpx.Response:
+        """The answer, as :meth:`H11Transport.handle_async_request` returns it (httpx's errors too)."""
+        conn, self._conn = self._conn, None
+        if conn is None:
+            raise httpx.StreamClosed()
+        return await self._transport._respond(conn, self.request, self._unsent)
+
+    def abandon(self) -> None:
+        """Close the connection unless :meth:`response` took it: the engine sees the request end."""
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            self._transport._discard(conn)
+
+
+def _request_bytes(conn: _Connection, request: httpx.Request, body: list[bytes]) -> bytes:
+    """``request``'s head and ``body`` as h11 frames them on ``conn``."""
+    send = conn.h11.send
+    parts = [send(h11.Request(method=request.method, target=request.url.raw_path, headers=request.headers.raw))]
+    parts.extend(send(h11.Data(data=chunk)) for chunk in body if chunk)
+    parts.append(send(h11.EndOfMessage()))
+    return b"".join(part for part in parts if part)
+
+
+def _written(request: httpx.Request) -> None:
+    """Run the request's :data:`REQUEST_WRITTEN` callback, if it has one."""
+    written = request.extensions.get(REQUEST_WRITTEN)
+    if written is not None:
+        written()
 
 
 class ResponseBody(httpx.AsyncByteStream):
@@ -346,17 +449,13 @@ async def _connect_tcp(host: str, port: int, *, wait: bool = True) -> tuple[trio
     except ValueError:
         return await trio.open_tcp_stream(host, port), False
     if not wait:
-        raw = stdlib_socket.socket(family, stdlib_socket.SOCK_STREAM)
+        stream, pending = _start_connect(host, port)
         try:
-            raw.setblocking(False)
-            code = raw.connect_ex((host, port))
-            if code not in (0, errno.EINPROGRESS):
-                raise OSError(code, f"Error connecting to {(host, port)!r}: {os.strerror(code)}")
             await trio.lowlevel.checkpoint_if_cancelled()
         except BaseException:
-            raw.close()
+            stream.socket.close()
             raise
-        return trio.SocketStream(trio.socket.from_stdlib_socket(raw)), code != 0
+        return stream, pending
     sock = trio.socket.socket(family, stdlib_socket.SOCK_STREAM)
     try:
         await sock.connect((host, port))
@@ -364,6 +463,22 @@ async def _connect_tcp(host: str, port: int, *, wait: bool = True) -> tuple[trio
         sock.close()
         raise
     return trio.SocketStream(sock), False
+
+
+def _start_connect(host: str, port: int) -> tuple[trio.SocketStream, bool]:
+    """A TCP connect to the IP address ``host`` started, and whether it may still be completing
+    (see :func:`_connect_tcp`); ``OSError`` when it failed at once."""
+    family = stdlib_socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else stdlib_socket.AF_INET
+    raw = stdlib_socket.socket(family, stdlib_socket.SOCK_STREAM)
+    try:
+        raw.setblocking(False)
+        code = raw.connect_ex((host, port))
+        if code not in (0, errno.EINPROGRESS):
+            raise OSError(code, f"Error connecting to {(host, port)!r}: {os.strerror(code)}")
+    except BaseException:
+        raw.close()
+        raise
+    return trio.SocketStream(trio.socket.from_stdlib_socket(raw)), code != 0
 
 
 def _seconds(timeout: float | None) -> float:

@@ -43,7 +43,7 @@ from .errors import ErrorCode, UpstreamError
 from .outbox import RelaySample, arm_relay_sample, disarm_relay_sample, flush_deferred
 from .protocol import dumps
 from .sse import DONE, Chunk, SSEDecoder, encodable, parse_chunk
-from .transport import REQUEST_WRITTEN, H11Transport, ResponseBody
+from .transport import REQUEST_WRITTEN, H11Transport, ResponseBody, SentRequest
 
 log = logging.getLogger("trioai.upstream")
 
@@ -307,30 +307,45 @@ class Upstream:
             return False
         return True
 
+    def _chat_request(self, payload: dict[str, Any], started_at: float | None) -> httpx.Request:
+        body = {**payload, "stream": True, "stream_options": {"include_usage": True}}
+        extensions: dict[str, Any] = self._chat_extensions
+        hook = self.on_request_start
+        if started_at is not None and hook is not None:
+            extensions = {**extensions, REQUEST_WRITTEN: lambda: hook(trio.current_time() - started_at)}
+        return httpx.Request(
+            "POST", self._chat_url, headers=self._chat_headers, extensions=extensions, content=dumps(body).encode(),
+        )
+
+    def send_chat_now(self, payload: dict[str, Any], *, started_at: float | None = None) -> SentRequest | None:
+        """Write a streaming chat request at once on an idle pooled connection (see
+        :meth:`H11Transport.send_now`), or None when that would wait; :meth:`stream_chat` with
+        ``sent=`` reads its answer. The caller abandons what it does not read (``SentRequest.abandon``).
+        """
+        transport = self.transport
+        if not isinstance(transport, H11Transport):
+            return None
+        return transport.send_now(self._chat_request(payload, started_at))
+
     @asynccontextmanager
-    async def stream_chat(self, payload: dict[str, Any], *, started_at: float | None = None
-                          ) -> AsyncIterator[ChatStream]:
+    async def stream_chat(self, payload: dict[str, Any], *, started_at: float | None = None,
+                          sent: SentRequest | None = None) -> AsyncIterator[ChatStream]:
         """POST a streaming chat completion; yield its chunks; close the response on exit.
 
         ``started_at`` (``trio.current_time()`` when the request was taken): once the request's
         bytes are written to the engine, :attr:`on_request_start` is told the seconds since.
+        ``sent``: the request, already written by :meth:`send_chat_now` (``payload`` is then unused).
 
         The request goes straight to the transport (httpx's transport API) rather than through
         ``AsyncClient.send``: a chat request needs none of the client's layers (URL merging, auth
         flow, redirects, event hooks, a cookie jar, which for a gateway would even be shared by all
         its users), and they were about a fifth of the CPU of starting one (``docs/benchmarks.md``).
         """
-        body = {**payload, "stream": True, "stream_options": {"include_usage": True}}
-        extensions: dict[str, Any] = self._chat_extensions
-        hook = self.on_request_start
-        if started_at is not None and hook is not None:
-            extensions = {**extensions, REQUEST_WRITTEN: lambda: hook(trio.current_time() - started_at)}
-        request = httpx.Request(
-            "POST", self._chat_url, headers=self._chat_headers, extensions=extensions,
-            content=dumps(body).encode(),
-        )
         with trio.move_on_after(self.first_token_timeout) as scope, map_httpx_errors("sending the request"):
-            response = await self.transport.handle_async_request(request)
+            if sent is not None:
+                response = await sent.response()
+            else:
+                response = await self.transport.handle_async_request(self._chat_request(payload, started_at))
         if scope.cancelled_caught:
             raise UpstreamError(ErrorCode.UPSTREAM_TIMEOUT, "engine did not answer in time", retryable=True)
         stream = ChatStream(response, SSEDecoder(self.max_line_bytes), self.first_token_timeout, self.token_timeout,
