@@ -119,10 +119,17 @@ class Redis:
     process: trio.Process
     port: int
     cli: str
+    unix_socket: str | None = None  # its Unix socket's path, if it listens on one
 
     @property
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
+
+    @property
+    def unix_url(self) -> str:
+        """Its ``unix://`` URL (only if it listens on a Unix socket)."""
+        assert self.unix_socket is not None
+        return f"unix://{self.unix_socket}"
 
     def cpu_seconds(self) -> float:
         """Its time on a CPU so far, every thread (``schedstat``)."""
@@ -152,13 +159,16 @@ def redis_cli(binary: str) -> str:
 
 
 @asynccontextmanager
-async def redis_server(binary: str, cli: str) -> AsyncIterator[Redis]:
-    """redis-server on a free port of 127.0.0.1 in a temporary directory, persisting nothing; killed at the end."""
+async def redis_server(binary: str, cli: str, *, unix_socket: bool = False) -> AsyncIterator[Redis]:
+    """redis-server on a free port of 127.0.0.1 (and a Unix socket, with ``unix_socket``) in a temporary
+    directory, persisting nothing; killed at the end."""
     with tempfile.TemporaryDirectory(prefix="bench-redis-") as directory:
         port = free_port()
+        socket_path = os.path.join(directory, "redis.sock") if unix_socket else None
         process = await trio.lowlevel.open_process(
             [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", directory, "--logfile", os.path.join(directory, "redis.log")],
+             "--dir", directory, "--logfile", os.path.join(directory, "redis.log"),
+             *(("--unixsocket", socket_path) if socket_path else ())],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
         try:
             with trio.fail_after(10):
@@ -167,10 +177,12 @@ async def redis_server(binary: str, cli: str) -> AsyncIterator[Redis]:
                         raise RuntimeError(f"redis-server exited with {process.returncode}")
                     try:
                         await (await trio.open_tcp_stream("127.0.0.1", port)).aclose()
+                        if socket_path is not None:
+                            await (await trio.open_unix_socket(socket_path)).aclose()
                         break
                     except OSError:
                         await trio.sleep(0.02)
-            yield Redis(process, port, cli)
+            yield Redis(process, port, cli, socket_path)
         finally:
             process.kill()
             with trio.CancelScope(shield=True):

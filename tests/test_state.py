@@ -195,6 +195,73 @@ async def test_append_to_several_logs_in_one_call(backend: Backend) -> None:
     assert await state.append_many([], ttl=30, maxlen=100) == []
 
 
+async def test_one_multi_log_append_judges_each_log_in_order(backend: Backend) -> None:
+    state = backend.state
+    first = [("a", [(1, "a1")]), ("b", [(1, "b1"), (2, "b2")])]
+    assert await state.append_many(first, ttl=30, maxlen=100) == [True, True]
+    answers = await state.append_many([("a", [(2, "a2")]), ("b", [(2, "again")]), ("a", [(3, "a3")]),
+                                       ("a", [(3, "twice")]), ("b", [])], ttl=30, maxlen=100)
+    assert answers == [True, False, True, False, True]  # a log named twice: the second part after the first
+    assert await state.read("a", 0) == [(1, "a1"), (2, "a2"), (3, "a3")]
+    assert await state.read("b", 0) == [(1, "b1"), (2, "b2")]
+    # Seqs that do not increase are a caller's bug: refused before anything is written, to any log.
+    with pytest.raises(ValueError, match="increasing seq"):
+        await state.append_many([("c", [(1, "c1")]), ("a", [(5, "x"), (4, "y")])], ttl=30, maxlen=100)
+    assert await state.read("c", 0) == [] and await state.read("a", 3) == []
+
+
+async def test_an_append_without_entries_keeps_a_log_alive(backend: Backend) -> None:
+    state = backend.state
+    assert await state.append_many([("g", [(1, "a")]), ("h", [(1, "b")])], ttl=TTL, maxlen=100) == [True] * 2
+    await backend.advance(ADVANCE / 2)
+    assert await state.append_many([("g", [])], ttl=TTL, maxlen=100) == [True]  # its expiry renewed
+    await backend.advance(ADVANCE / 2 + 0.1)
+    assert await state.read("g", 0) == [(1, "a")]
+    assert await state.read("h", 0) == []
+
+
+async def test_redis_appends_of_a_flush_are_one_script_call(nursery: trio.Nursery, redis_server: RedisServer) -> None:
+    state = await started_redis_state(nursery, redis_server.url)
+    assert await state.append("warm", [(1, "w")], ttl=30, maxlen=10)
+    before = await script_calls(redis_server)
+    twenty = [(f"g{i}", [(1, "x"), (2, "y")]) for i in range(20)]
+    assert await state.append_many(twenty, ttl=30, maxlen=10) == [True] * 20
+    assert await script_calls(redis_server) - before == 1
+    await redis_cli(redis_server, "SCRIPT", "FLUSH")  # Redis forgot the script (as after a restart): sent again
+    assert await state.append_many([("g0", [(3, "z")]), ("g1", [(2, "stale")])], ttl=30, maxlen=10) == [True, False]
+    assert await state.read("g0", 2) == [(3, "z")] and state.available
+
+
+async def test_the_script_connection_is_replaced_when_redis_drops_it(
+    nursery: trio.Nursery, redis_server: RedisServer
+) -> None:
+    state = await started_redis_state(nursery, redis_server.url, retry_interval=0.1)
+    assert await state.append("g", [(1, "a")], ttl=30, maxlen=10)
+    await redis_cli(redis_server, "CLIENT", "KILL", "TYPE", "normal")  # every connection, the held one too
+    with trio.fail_after(10):
+        while True:
+            try:
+                assert await state.append("g", [(2, "b")], ttl=30, maxlen=10)
+                break
+            except StateUnavailable:  # the call that found it gone
+                await trio.sleep(0.05)
+    assert await state.read("g", 0) == [(1, "a"), (2, "b")]
+
+
+async def redis_cli(server: RedisServer, *words: str) -> str:
+    """One command through ``redis-cli``; its reply as text."""
+    cli = Path(server.binary).with_name("redis-cli")
+    done = await trio.run_process([str(cli), "-p", str(server.port), *words], capture_stdout=True)
+    return done.stdout.decode()
+
+
+async def script_calls(server: RedisServer) -> int:
+    """``EVALSHA`` and ``EVAL`` calls so far (``INFO commandstats``)."""
+    text = await redis_cli(server, "INFO", "commandstats")
+    return sum(int(line.split("calls=")[1].split(",")[0]) for line in text.splitlines()
+               if line.startswith(("cmdstat_evalsha:", "cmdstat_eval:")))
+
+
 async def test_a_log_is_bounded_and_expires(backend: Backend) -> None:
     state = backend.state
     for start in range(1, 1001, 100):

@@ -39,6 +39,15 @@ LogEntry = tuple[int, str]
 """One entry of an event log: its ``seq`` (from 1, increasing) and its frame."""
 
 
+def check_seqs(entries: Sequence[LogEntry]) -> None:
+    """ValueError unless the entries' ``seq`` increase from 1 (a caller's bug, refused before any write)."""
+    previous = 0
+    for seq, _ in entries:
+        if seq <= previous:
+            raise ValueError(f"log entries need increasing seq from 1, got {seq} after {previous}")
+        previous = seq
+
+
 class StateUnavailable(Exception):
     """The shared state did not answer within its timeout (or refused): use local state instead."""
 
@@ -98,14 +107,16 @@ class State(Protocol):
         ...
 
     async def append(self, log: str, entries: Sequence[LogEntry], *, ttl: float, maxlen: int) -> bool:
-        """Add ``entries`` (increasing ``seq``) to ``log``, which keeps about its last ``maxlen``
-        entries and expires ``ttl`` s after its last append. False (nothing added) if the log
-        already holds a ``seq`` at or past the first one: another writer got there first."""
+        """Add ``entries`` (increasing ``seq``, else ValueError) to ``log``, which keeps about its last
+        ``maxlen`` entries and expires ``ttl`` s after its last append (also renewed by no entries).
+        False (nothing added) if the log already holds a ``seq`` at or past the first one: another
+        writer got there first."""
         ...
 
     async def append_many(self, appends: Sequence[tuple[str, Sequence[LogEntry]]], *, ttl: float,
                           maxlen: int) -> list[bool]:
-        """:meth:`append` to several logs in one round trip; each one's answer, in order."""
+        """:meth:`append` to several logs in one round trip; each one's answer, in order (a log named
+        twice: its second part is judged after its first). ValueError for any log's seqs: nothing written."""
         ...
 
     async def read(self, log: str, after: int, limit: int = 1000) -> list[LogEntry]:
@@ -305,6 +316,18 @@ class LocalState:
 
     async def append(self, log: str, entries: Sequence[LogEntry], *, ttl: float, maxlen: int) -> bool:
         """See :meth:`State.append`."""
+        check_seqs(entries)
+        return self._append(log, entries, ttl, maxlen)
+
+    async def append_many(self, appends: Sequence[tuple[str, Sequence[LogEntry]]], *, ttl: float,
+                          maxlen: int) -> list[bool]:
+        """See :meth:`State.append_many`."""
+        for _, entries in appends:
+            check_seqs(entries)
+        return [self._append(log, entries, ttl, maxlen) for log, entries in appends]
+
+    def _append(self, log: str, entries: Sequence[LogEntry], ttl: float, maxlen: int) -> bool:
+        """:meth:`append` of entries already checked."""
         now = self.clock()
         self._drop_expired_logs(now)
         state = self._logs.pop(log, None) or _Log()
@@ -319,11 +342,6 @@ class LocalState:
             state.changed.set()
             state.changed = trio.Event()
         return True
-
-    async def append_many(self, appends: Sequence[tuple[str, Sequence[LogEntry]]], *, ttl: float,
-                          maxlen: int) -> list[bool]:
-        """See :meth:`State.append_many`."""
-        return [await self.append(log, entries, ttl=ttl, maxlen=maxlen) for log, entries in appends]
 
     async def read(self, log: str, after: int, limit: int = 1000) -> list[LogEntry]:
         """See :meth:`State.read`."""
