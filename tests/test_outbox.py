@@ -80,7 +80,7 @@ async def test_unsent_tokens_coalesce_in_order_and_the_terminal_comes_last() -> 
         await token(a, piece)
     a.event(Done("a", "stop", Usage(1, 5), 1.0, 2.0))
     frames = await drain(outbox)
-    assert frames[0] == {"type": "token", "id": "a", "content": "Hello, world"}
+    assert frames[0] == {"type": "token", "id": "a", "content": "Hello, world", "deltas": 5}
     assert [f["type"] for f in frames] == ["token", "done"]
     # Tokens after the slot was taken start a new frame.
     b = outbox.stream("b")
@@ -321,7 +321,7 @@ async def test_deltas_that_arrive_together_are_left_to_the_writer_to_join() -> N
     assert connection.writes == []
     assert started == ["writer"]
     a.put_token("w")  # before the writer ran: joins the same frame
-    assert await drain(outbox) == [{"type": "token", "id": "a", "content": "xyzw"}]
+    assert await drain(outbox) == [{"type": "token", "id": "a", "content": "xyzw", "deltas": 4}]
 
 
 async def test_a_busy_connection_gets_its_deltas_from_the_writer_in_order() -> None:
@@ -333,7 +333,7 @@ async def test_a_busy_connection_gets_its_deltas_from_the_writer_in_order() -> N
     flush_deferred()
     assert connection.writes == []
     assert started == ["writer"]  # woken instead
-    assert await drain(outbox) == [{"type": "token", "id": "a", "content": "xy"}]
+    assert await drain(outbox) == [{"type": "token", "id": "a", "content": "xy", "deltas": 2}]
 
 
 async def test_a_closing_connection_takes_deltas_through_the_writer() -> None:

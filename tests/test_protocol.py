@@ -260,6 +260,14 @@ def test_token_fast_path_matches_the_generic_encoder(content: str, request_id: s
     assert json.loads(frame) == {"type": "token", "id": request_id, "content": content}
 
 
+def test_a_joined_token_says_how_many_deltas_it_holds() -> None:
+    assert json.loads(encode_token(encode_id("a"), "xy", None, 2)) == {
+        "type": "token", "id": "a", "content": "xy", "deltas": 2}
+    assert json.loads(encode_token(encode_id("a"), "xy", [{"token": "x"}, {"token": "y"}], 2)) == {
+        "type": "token", "id": "a", "content": "xy", "logprobs": [{"token": "x"}, {"token": "y"}], "deltas": 2}
+    assert "deltas" not in json.loads(encode_token(encode_id("a"), "x", None, 1))
+
+
 def test_token_content_with_json_special_characters() -> None:
     content = 'quote " backslash \\ newline \n tab \t nul \x00 emoji 🦜 and ü'
     assert json.loads(encode_token(encode_id("a"), content))["content"] == content

@@ -20,6 +20,7 @@ from trio_websocket import ConnectionClosed, open_websocket_url
 
 from trioai.config import Settings
 from trioai.fake_upstream import FakeUpstream, Script, numbered_script
+from trioai.gateway import trailing_whitespace
 from trioai.protocol import ChatRequest, Sampling
 from trioai.server import RunningServer, serve
 from trioai.sharedgen import Record, frame_id, frame_seq, generation_key, is_terminal, summarize
@@ -136,6 +137,17 @@ def test_a_log_summary_has_the_text_and_says_whether_it_can_go_on() -> None:
     assert not with_call.continuable
     ended = summarize([*frames, (5, '{"type":"done","id":1,"seq":5}')])
     assert ended.terminal
+
+
+def test_a_frame_joining_several_deltas_counts_as_that_many_produced() -> None:
+    """A takeover's continuation asks for max_tokens minus what was produced: a joined frame (a
+    client or a shared-log flush behind the engine) must count as its deltas, not as one."""
+    frames = [(1, '{"type":"token","id":1,"seq":1,"content":"a b c","deltas":3}'),
+              (2, '{"type":"token","id":1,"seq":2,"content":" \\n","deltas":2}')]
+    summary = summarize(frames)
+    assert "".join(summary.parts) == "a b c \n"
+    assert len(summary.parts) == 5
+    assert trailing_whitespace(summary.parts) == (" \n", 2)  # the whitespace-only frame's two deltas
 
 
 def test_a_record_keeps_the_whole_request() -> None:

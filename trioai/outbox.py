@@ -215,13 +215,14 @@ class _Frame(_Entry):
 class _TextSlot(_Entry):
     """``token`` (or, with ``reasoning``, ``reasoning``) text of one or more deltas."""
 
-    __slots__ = ("reasoning", "parts", "logprobs")
+    __slots__ = ("reasoning", "parts", "logprobs", "deltas")
 
     def __init__(self, sender: StreamSender, seq: int, reasoning: bool = False) -> None:
         super().__init__(sender, seq)
         self.reasoning = reasoning
         self.parts: list[str] = []
         self.logprobs: list[Any] | None = None
+        self.deltas = 1  # how many deltas the text joins, once joined
 
     def renew(self, seq: int) -> None:
         """Become the next entry (``seq``) of the same stream, once this one is sent and kept nowhere."""
@@ -232,15 +233,17 @@ class _TextSlot(_Entry):
         self.parts = []
         self.logprobs = None
         self.sample = None
+        self.deltas = 1
 
     def frame(self) -> str:
         parts = self.parts
         if len(parts) > 1:
+            self.deltas = len(parts)
             parts[:] = ["".join(parts)]  # joined once: a replay sends the same text
         text = parts[0]
         if self.reasoning:
             return encode_reasoning(self.head, text)
-        return encode_token(self.head, text, self.logprobs)
+        return encode_token(self.head, text, self.logprobs, self.deltas)
 
     def event(self) -> ServerEvent:
         text = "".join(self.parts)

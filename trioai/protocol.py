@@ -534,16 +534,21 @@ def encode_id(request_id: RequestId | None) -> str:
     return dumps(request_id)
 
 
-def encode_token(id_json: str, content: str, logprobs: list[Any] | tuple[Any, ...] | None = None) -> str:
+def encode_token(id_json: str, content: str, logprobs: list[Any] | tuple[Any, ...] | None = None,
+                 deltas: int = 1) -> str:
     """The ``token`` frame: the per-token hot path, so built by concatenation.
 
     ``id_json`` is the id's JSON text, optionally followed by more fields (``"r1","seq":3``): so are
-    the other ``encode_*`` functions' first arguments.
+    the other ``encode_*`` functions' first arguments. ``deltas``: how many engine deltas the text
+    joins, sent when more than one (a continuation after a takeover counts the tokens already
+    produced from it).
     """
     if logprobs is None:
-        return '{"type":"token","id":' + id_json + ',"content":' + dumps(content) + "}"
+        if deltas == 1:
+            return '{"type":"token","id":' + id_json + ',"content":' + dumps(content) + "}"
+        return '{"type":"token","id":' + id_json + ',"content":' + dumps(content) + ',"deltas":' + str(deltas) + "}"
     return ('{"type":"token","id":' + id_json + ',"content":' + dumps(content) + ',"logprobs":'
-            + dumps(list(logprobs)) + "}")
+            + dumps(list(logprobs)) + ("}" if deltas == 1 else ',"deltas":' + str(deltas) + "}"))
 
 
 def encode_reasoning(id_json: str, content: str) -> str:

@@ -142,7 +142,11 @@ def summarize(frames: Iterable[tuple[int, str]]) -> LogSummary:
     for seq, frame in frames:
         last_seq = seq
         if frame.startswith('{"type":"token"'):
-            parts.append(str(json.loads(frame).get("content", "")))
+            token = json.loads(frame)
+            # A frame joining n deltas counts as n produced (the continuation's max_tokens): n - 1
+            # empty parts before its text leave the text and its trailing whitespace as they are.
+            parts.extend([""] * (int(token.get("deltas", 1)) - 1))
+            parts.append(str(token.get("content", "")))
         elif frame.startswith(('{"type":"tool_call"', '{"type":"reasoning"')):
             continuable = False
         elif is_terminal(frame):
