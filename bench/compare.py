@@ -425,10 +425,10 @@ async def main_async(args: argparse.Namespace) -> None:
           f"{args.duration:g} s per throughput run; paced: {args.streams} streams × {args.paced_tokens} tokens "
           "at 20 ms\n")
     print("\n".join(lines))
-    cpu = "CPU ms / 1000 token events"
     if len(ours) > 1 or args.paced_only:  # an A/B: how much each round moved
-        print(f"\n{cpu}, per round: " + "; ".join(
-            f"{kind} " + ", ".join(fmt(value) for value in figures[kind].values.get(cpu, [])) for kind in kinds))
+        for name in ("CPU ms / 1000 token events", "TTFT p50 ms"):
+            print(f"\n{name}, per round: " + "; ".join(
+                f"{kind} " + ", ".join(fmt(value) for value in figures[kind].values.get(name, [])) for kind in kinds))
 
 
 def main() -> None:
