@@ -229,6 +229,19 @@ async def test_a_cancel_sent_to_another_instance_stops_the_owner(
     assert engine.requests[0].chunks_sent < 200
 
 
+async def test_a_replay_of_logged_frames_on_the_same_instance_goes_on(pair: tuple[Instance, Instance]) -> None:
+    """A resume here of a shared generation from an earlier ``after`` sends frames the log has
+    already (this instance appended them): they are not appended again (the log would refuse them,
+    as if another instance owned the generation) and the generation runs on to its end."""
+    first, _ = pair
+    before = await read_some(first.url, resumable("g"), 8)
+    replay_from = before[:3]  # start, then two tokens: the rest comes again
+    after = await resume(first.url, "g", replay_from)
+    events = replay_from + after
+    check_one_generation(events)
+    assert text_of(events) == numbered(0, TOKENS)
+
+
 async def test_a_wrong_token_on_the_other_instance_is_not_found(pair: tuple[Instance, Instance]) -> None:
     first, second = pair
     before = await read_some(first.url, resumable("g"), 2)

@@ -227,14 +227,17 @@ class SharedGenerations:
         """Append frames of ``generation`` (log, then send). False when the log holds them already
         from another writer: this instance lost the generation (its lease ran out meanwhile)."""
         assert generation.token is not None
+        key = generation_key(generation.token)
+        # Frames this instance has appended already (a resume here replays them) are in the log: not
+        # again, which the log would refuse as another writer's, cancelling the generation.
+        logged = self.appended.get(key, 0)
         entries = []
         for frame in frames:
             seq = frame_seq(frame)
-            if seq is not None:
+            if seq is not None and seq > logged:
                 entries.append((seq, frame))
         if not entries:
             return True
-        key = generation_key(generation.token)
         batch = self._batch
         batch.appends.setdefault(f"gen:{key}", []).extend(entries)
         self._wake.set()
