@@ -107,8 +107,8 @@ class Gateway:
     def begin(self, request: ChatRequest, request_id: RequestId, sender: StreamSender, stats: RequestStats,
               *, resume_token: str | None = None) -> Begun | None:
         """Start a generation up to its engine request written, now, when nothing on the way has to
-        wait: the model known, capacity and engine room free, the client's buffer not full, an idle
-        connection to the engine. Else None, and nothing was done (:meth:`generate` does it all).
+        wait: the model known, capacity and engine room free, the client's buffer not full, a pooled
+        or newly started plain connection to the engine. Else None, and nothing was done (:meth:`generate` does it all).
 
         The session calls this in the step that took the request's frame, before its next frame:
         in a burst of requests each then reaches its engine after its own work alone, not after a
@@ -341,6 +341,10 @@ class Begun:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
+        self.release()
+
+    def release(self) -> None:
+        """Give back whatever is still held (each thing once; safe to call again)."""
         self.sent.abandon()
         self._leave_engine()
         borrower, self._borrower = self._borrower, None

@@ -381,7 +381,7 @@ class Registry:
                 # "disconnect": nobody to tell; stays "aborted".
         finally:
             if begun is not None:
-                begun.__exit__(None, None, None)  # gives back what nothing took over (done already, usually)
+                begun.release()  # what nothing took over (given back already, usually)
             generation.ended_at = now = trio.current_time()
             self._detached.pop(generation, None)
             if generation.token is not None and outcome not in ("aborted", "abandoned"):
