@@ -12,7 +12,8 @@ import contextlib
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from types import SimpleNamespace
+from typing import Any, cast
 
 import pytest
 import trio
@@ -21,10 +22,11 @@ from trio_websocket import ConnectionClosed, open_websocket_url
 from trioai.config import Settings
 from trioai.fake_upstream import FakeUpstream, Script, numbered_script
 from trioai.gateway import trailing_whitespace
+from trioai.generation import Generation
 from trioai.protocol import ChatRequest, Sampling
 from trioai.server import RunningServer, serve
-from trioai.sharedgen import Record, frame_id, frame_seq, generation_key, is_terminal, summarize
-from trioai.state import StateUnavailable
+from trioai.sharedgen import Record, SharedGenerations, frame_id, frame_seq, generation_key, is_terminal, summarize
+from trioai.state import LocalState, LogEntry, StateUnavailable
 
 from .helpers import chat, check_one_generation, read_generation, send, text_of
 from .redisserver import RedisServer
@@ -148,6 +150,56 @@ def test_a_frame_joining_several_deltas_counts_as_that_many_produced() -> None:
     assert "".join(summary.parts) == "a b c \n"
     assert len(summary.parts) == 5
     assert trailing_whitespace(summary.parts) == (" \n", 2)  # the whitespace-only frame's two deltas
+
+
+class HeldState(LocalState):
+    """In-process state whose appends wait until :attr:`go` is set: a flush held in flight."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.go = trio.Event()
+
+    async def append_many(self, appends: Any, *, ttl: float, maxlen: int) -> list[bool]:
+        await self.go.wait()
+        return await super().append_many(appends, ttl=ttl, maxlen=maxlen)
+
+
+def tokens(first: int, last: int) -> list[str]:
+    return [f'{{"type":"token","id":"g","seq":{seq},"content":"t{seq} "}}' for seq in range(first, last + 1)]
+
+
+async def test_frames_replayed_while_their_flush_is_in_flight_are_logged_once(nursery: trio.Nursery) -> None:
+    """A connection lost while its frames are on their way to the log, and a relay replaying them
+    from what was logged before: the flusher skips what the earlier flush logged (the log would
+    refuse them as another writer's and the generation would be cancelled), once, in order."""
+    state = HeldState()
+    shared = SharedGenerations(state, Settings(upstream="http://127.0.0.1:9/v1"))
+    await nursery.start(shared.run)
+    generation = cast(Generation, SimpleNamespace(token="tok"))
+    answers: list[bool] = []
+    lost = trio.CancelScope()
+
+    async def writer() -> None:  # the writer of the connection that goes away
+        with lost:
+            answers.append(await shared.append(generation, tokens(1, 3)))
+
+    async def relay() -> None:  # replays everything after what it knows was logged: nothing yet
+        answers.append(await shared.append(generation, tokens(1, 5)))
+
+    nursery.start_soon(writer)
+    await trio.testing.wait_all_tasks_blocked()
+    lost.cancel()  # its flush is in flight
+    nursery.start_soon(relay)
+    await trio.testing.wait_all_tasks_blocked()
+    state.go.set()
+    with trio.fail_after(5):
+        while not answers:
+            await trio.sleep(0.01)
+    assert lost.cancelled_caught
+    assert answers == [True]  # the relay's: the generation goes on
+    logged: list[LogEntry] = await state.read(f"gen:{generation_key('tok')}", 0)
+    assert [seq for seq, _ in logged] == [1, 2, 3, 4, 5]
+    assert shared.appended[generation_key("tok")] == 5
 
 
 def test_a_record_keeps_the_whole_request() -> None:

@@ -163,7 +163,7 @@ class _Batch:
     __slots__ = ("appends", "results", "done", "failed")
 
     def __init__(self) -> None:
-        self.appends: dict[str, list[tuple[int, str]]] = {}  # by log, in order
+        self.appends: dict[str, list[tuple[int, str]]] = {}  # by generation key, in order
         self.results: dict[str, bool] = {}
         self.done = trio.Event()
         self.failed = False
@@ -239,19 +239,17 @@ class SharedGenerations:
         if not entries:
             return True
         batch = self._batch
-        batch.appends.setdefault(f"gen:{key}", []).extend(entries)
+        batch.appends.setdefault(key, []).extend(entries)
         self._wake.set()
         await batch.done.wait()  # the flusher's round trip carries it with every other pending frame
         if batch.failed:
             return True  # sent anyway: the client must not wait for Redis
-        added = batch.results.get(f"gen:{key}", True)
-        if added:
-            self.appended[key] = entries[-1][0]
-            if is_terminal(entries[-1][1]) and self.owned.pop(key, None) is not None:
-                # Its whole story is in the log: nobody needs to continue it, the lease can go.
-                self._records.pop(key, None)
-                with trio.move_on_after(self.lease), contextlib.suppress(StateUnavailable):
-                    await self.state.release_lease(f"gen:{key}", self.instance)  # else it runs out by itself
+        added = batch.results.get(key, True)
+        if added and is_terminal(entries[-1][1]) and self.owned.pop(key, None) is not None:
+            # Its whole story is in the log: nobody needs to continue it, the lease can go.
+            self._records.pop(key, None)
+            with trio.move_on_after(self.lease), contextlib.suppress(StateUnavailable):
+                await self.state.release_lease(f"gen:{key}", self.instance)  # else it runs out by itself
         return added
 
     async def _flush(self) -> None:
@@ -261,12 +259,24 @@ class SharedGenerations:
             await self._wake.wait()
             self._wake = trio.Event()
             batch, self._batch = self._batch, _Batch()
+            # What an earlier flush logged is not sent again: a relay replays the frames a lost
+            # connection's flush carried, and the log would refuse them as another writer's.
+            appends: dict[str, list[tuple[int, str]]] = {}
+            for key, entries in batch.appends.items():
+                logged = self.appended.get(key, 0)
+                fresh = [entry for entry in entries if entry[0] > logged]
+                if fresh:
+                    appends[key] = fresh
             try:
-                answers = await self.state.append_many(list(batch.appends.items()), ttl=self.log_ttl,
-                                                       maxlen=self.maxlen)
-                batch.results = dict(zip(batch.appends, answers, strict=True))
-                if self.on_append is not None:
-                    self.on_append()
+                if appends:
+                    logs = [(f"gen:{key}", entries) for key, entries in appends.items()]
+                    answers = await self.state.append_many(logs, ttl=self.log_ttl, maxlen=self.maxlen)
+                    batch.results = dict(zip(appends, answers, strict=True))
+                    for key, added in batch.results.items():
+                        if added:  # here, not in the appending task, which may have been cancelled meanwhile
+                            self.appended[key] = appends[key][-1][0]
+                    if self.on_append is not None:
+                        self.on_append()
             except StateUnavailable:
                 batch.failed = True  # the state logs that it is away
             except Exception:
