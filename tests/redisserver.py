@@ -77,3 +77,43 @@ class RedisServer:
             process.kill()
             with trio.fail_after(10):
                 await process.wait()
+
+
+class RedisSentinel:
+    """A Redis Sentinel (Debian's redis-server in sentinel mode) on a free port, monitoring ``server``
+    as the primary of the service ``service``."""
+
+    def __init__(self, nursery: trio.Nursery, directory: Path, server: RedisServer, service: str = "trioai") -> None:
+        self.nursery = nursery
+        self.directory = directory
+        self.server = server
+        self.service = service
+        self.port = free_port()
+        self.process: trio.Process | None = None
+
+    @property
+    def url(self) -> str:
+        """The ``redis+sentinel://`` URL trioai takes: the sentinel, then the service and database."""
+        return f"redis+sentinel://127.0.0.1:{self.port}/{self.service}/0"
+
+    async def start(self) -> None:
+        """Start it and wait until it names the primary (10 s at most)."""
+        config = self.directory / "sentinel.conf"  # sentinel rewrites its config: its own file
+        config.write_text(f"port {self.port}\nbind 127.0.0.1\ndir {self.directory}\n"
+                          f"logfile {self.directory / 'sentinel.log'}\n"
+                          f"sentinel monitor {self.service} 127.0.0.1 {self.server.port} 1\n")
+        command = [self.server.binary, str(config), "--sentinel"]
+        self.process = await self.nursery.start(partial(trio.run_process, command, check=False,
+                                                        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL))
+        with trio.fail_after(10):
+            while True:
+                if self.process.returncode is not None:
+                    log = (self.directory / "sentinel.log").read_text(errors="replace")[-2000:]
+                    pytest.fail(f"redis sentinel exited with {self.process.returncode}:\n{log}")
+                try:
+                    stream = await trio.open_tcp_stream("127.0.0.1", self.port)
+                except OSError:
+                    await trio.sleep(0.02)
+                    continue
+                await stream.aclose()
+                return

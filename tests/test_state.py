@@ -17,10 +17,10 @@ import trio
 import trio.testing
 
 from trioai.config import ConfigError, Settings
-from trioai.redisstate import RedisState, check_redis, check_redis_url, redact
+from trioai.redisstate import RedisState, _sentinel_parts, check_redis, check_redis_url, redact
 from trioai.state import Buckets, LocalState, State, StateUnavailable, Take, make_state
 
-from .redisserver import RedisServer, free_port
+from .redisserver import RedisSentinel, RedisServer, free_port
 
 # Leases, slots, waiters and logs given this time to live expire after ADVANCE: real seconds on
 # Redis (its own clock), a step of the test's clock in process.
@@ -61,9 +61,10 @@ async def started_redis_state(nursery: trio.Nursery, url: str, *, timeout: float
     return state
 
 
-@pytest.fixture(params=["local", "redis"])
+@pytest.fixture(params=["local", "redis", "sentinel"])
 async def backend(request: pytest.FixtureRequest, nursery: trio.Nursery, tmp_path: Path) -> AsyncIterator[Backend]:
-    """Each backend in turn, empty."""
+    """Each backend in turn, empty: in process, a redis-server, and that server as the primary a
+    Redis Sentinel names (``redis+sentinel://``)."""
     if request.param == "local":
         clock = FakeClock()
 
@@ -74,6 +75,11 @@ async def backend(request: pytest.FixtureRequest, nursery: trio.Nursery, tmp_pat
         return
     server = RedisServer(nursery, tmp_path)
     await server.start()
+    if request.param == "sentinel":
+        sentinel = RedisSentinel(nursery, tmp_path, server)
+        await sentinel.start()
+        yield Backend("redis", await started_redis_state(nursery, sentinel.url), trio.sleep)
+        return
     yield Backend("redis", await started_redis_state(nursery, server.url), trio.sleep)
 
 
@@ -468,6 +474,10 @@ async def test_calls_before_the_client_runs_are_unavailable() -> None:
     ("redis://127.0.0.1:6379/abc", "database number"),
     ("redis://127.0.0.1:port", "Port could not be cast"),
     ("unix://", "socket's path"),
+    ("redis+sentinel://127.0.0.1:26379", "service name"),
+    ("redis+sentinel://127.0.0.1/trioai", "host:port"),
+    ("redis+sentinel://127.0.0.1:26379,:26380/trioai", "host:port"),
+    ("redis+sentinel://127.0.0.1:26379/trioai/x", "database must be a number"),
 ])
 def test_a_malformed_url_is_a_config_error(url: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
@@ -475,8 +485,26 @@ def test_a_malformed_url_is_a_config_error(url: str, message: str) -> None:
 
 
 def test_well_formed_urls_pass() -> None:
-    for url in ("redis://127.0.0.1:6379", "rediss://user:pw@redis.example:6380/2", "unix:///run/redis.sock"):
+    for url in ("redis://127.0.0.1:6379", "rediss://user:pw@redis.example:6380/2", "unix:///run/redis.sock",
+                "redis+sentinel://10.0.0.1:26379,10.0.0.2:26379,[::1]:26379/trioai/2",
+                "redis+sentinel://:pw@sentinel.example:26379/trioai"):
         check_redis_url(url)
+
+
+def test_a_sentinel_url_names_its_sentinels_service_database_and_password() -> None:
+    assert _sentinel_parts("redis+sentinel://:p%40ss@10.0.0.1:26379,[::1]:26380/svc/3") == (
+        [("10.0.0.1", 26379), ("::1", 26380)], "svc", 3, "p@ss")
+    assert _sentinel_parts("redis+sentinel://h:1/svc") == ([("h", 1)], "svc", 0, None)
+    assert "p%40ss" not in redact("redis+sentinel://:p%40ss@h:1/svc")
+
+
+async def test_check_redis_through_a_sentinel(nursery: trio.Nursery, tmp_path: Path,
+                                              redis_server: RedisServer) -> None:
+    sentinel = RedisSentinel(nursery, tmp_path, redis_server)
+    await sentinel.start()
+    await check_redis(sentinel.url)
+    with pytest.raises(ConfigError, match="cannot use this Redis"):
+        await check_redis(f"redis+sentinel://127.0.0.1:{sentinel.port}/no-such-service", 2.0)
 
 
 def test_passwords_stay_out_of_messages() -> None:

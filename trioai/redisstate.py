@@ -35,14 +35,14 @@ import hashlib
 import logging
 import math
 import urllib.parse
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from typing import Final, TypeVar, cast
 
 import anyio
 import coredis
 import coredis.exceptions
 import trio
-from coredis.connection import BaseConnection
+from coredis.connection import BaseConnection, TCPLocation
 from coredis.response.types import StreamEntry
 
 from .config import ConfigError
@@ -52,7 +52,7 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-SCHEMES: Final = ("redis", "rediss", "unix")
+SCHEMES: Final = ("redis", "rediss", "unix", "redis+sentinel")
 #: Seconds a call may take by default (a blocking follow adds its own wait).
 DEFAULT_TIMEOUT: Final = 1.0
 #: Seconds every call fails at once after a failure, before one call tries Redis again.
@@ -237,14 +237,19 @@ def check_redis_url(url: str) -> None:
     """Raise :class:`ConfigError` unless ``url`` has the form of a Redis URL (no I/O)."""
     try:
         parts = urllib.parse.urlsplit(url)
-        parts.port  # noqa: B018 -- raises ValueError for a port that is not a number
+        if parts.scheme != "redis+sentinel":  # its netloc lists several host:port
+            parts.port  # noqa: B018 -- raises ValueError for a port that is not a number
     except ValueError as exc:
         raise ConfigError(f"--redis {redact(url)!r}: {exc}") from None
     if parts.scheme not in SCHEMES:
-        raise ConfigError(f"--redis {redact(url)!r}: the URL must start with redis://, rediss:// or unix://")
+        raise ConfigError(f"--redis {redact(url)!r}: the URL must start with redis://, rediss://, unix:// or "
+                          "redis+sentinel://")
     if parts.scheme == "unix":
         if not parts.path:
             raise ConfigError(f"--redis {redact(url)!r}: a unix:// URL needs the socket's path")
+        return
+    if parts.scheme == "redis+sentinel":
+        _sentinel_parts(url)
         return
     if not parts.hostname:
         raise ConfigError(f"--redis {redact(url)!r}: the URL needs a host")
@@ -258,13 +263,12 @@ async def check_redis(url: str, seconds: float = 5.0) -> None:
     within ``seconds``: call it at start, so a wrong ``--redis`` stops the server at once."""
     check_redis_url(url)
     timeout = seconds
-    client = _client(url, timeout)
     reason = ""
     try:
-        async with client:
-            with trio.fail_after(timeout):
+        with trio.fail_after(timeout):
+            async with _client(url, timeout) as client:
                 await client.ping()
-            return
+        return
     except* trio.TooSlowError:
         reason = f"no answer within {timeout:g} s"
     except* (coredis.exceptions.RedisError, OSError, ValueError, AssertionError) as group:
@@ -291,9 +295,45 @@ def _first_leaf(group: BaseExceptionGroup[Exception]) -> Exception:
     return leaf
 
 
-def _client(url: str, timeout: float, max_connections: int = 64) -> coredis.Redis[str]:
-    return coredis.Redis.from_url(url, decode_responses=True, connect_timeout=timeout,
-                                  max_connections=max_connections)
+def _sentinel_parts(url: str) -> tuple[list[tuple[str, int]], str, int, str | None]:
+    """A ``redis+sentinel://[:password@]host:port[,host:port...]/service[/db]`` URL's sentinels,
+    service name, database and password; :class:`ConfigError` if it has not that form."""
+    rest = url[len("redis+sentinel://"):]
+    password = None
+    if "@" in rest:
+        credentials, rest = rest.rsplit("@", 1)
+        password = urllib.parse.unquote(credentials.split(":", 1)[-1]) or None
+    hosts, _, path = rest.partition("/")
+    service, _, database = path.strip("/").partition("/")
+    sentinels = []
+    for host in hosts.split(","):
+        name, _, port = host.rpartition(":")
+        if not name or not port.isdigit():
+            raise ConfigError(f"--redis {redact(url)!r}: each sentinel needs host:port, not {host!r}")
+        sentinels.append((name.strip("[]"), int(port)))
+    if not service:
+        raise ConfigError(f"--redis {redact(url)!r}: a redis+sentinel:// URL needs the service name as its path")
+    if database and not database.isdigit():
+        raise ConfigError(f"--redis {redact(url)!r}: the database must be a number, not {database!r}")
+    return sentinels, service, int(database or 0), password
+
+
+@contextlib.asynccontextmanager
+async def _client(url: str, connect_timeout: float, max_connections: int = 64) -> AsyncIterator[coredis.Redis[str]]:
+    """An open coredis client for ``url``: a server's, or, with ``redis+sentinel://``, the primary
+    the sentinels name (asked again on each new connection, so a failover is followed)."""
+    if not url.startswith("redis+sentinel://"):
+        async with coredis.Redis.from_url(url, decode_responses=True, connect_timeout=connect_timeout,
+                                          max_connections=max_connections) as client:
+            yield client
+        return
+    sentinels, service, database, password = _sentinel_parts(url)
+    sentinel = coredis.Sentinel([TCPLocation(host, port) for host, port in sentinels], decode_responses=True,
+                                connect_timeout=connect_timeout,
+                                sentinel_kwargs={"connect_timeout": connect_timeout, "decode_responses": True})
+    async with sentinel, sentinel.primary_for(service, db=database, password=password,
+                                              max_connections=max_connections) as client:
+        yield client
 
 
 class RedisState:
@@ -320,9 +360,8 @@ class RedisState:
         """Keep the client open until cancelled (a service task); started at once, connected or not."""
         started = False
         while True:
-            client = _client(self.url, self.timeout, self.max_connections)
             try:
-                async with client:
+                async with _client(self.url, self.timeout, self.max_connections) as client:
                     self._client = client
                     if not started:
                         with contextlib.suppress(StateUnavailable):
