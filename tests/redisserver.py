@@ -30,6 +30,29 @@ def free_port() -> int:
         return port
 
 
+def log_tail(log: Path) -> str:
+    """The last 2,000 characters of ``log`` (none if it was not written)."""
+    return log.read_text(errors="replace")[-2000:] if log.exists() else ""
+
+
+async def start_listening(nursery: trio.Nursery, command: list[str], port: int, log: Path) -> trio.Process:
+    """Run ``command`` in ``nursery`` and wait until it accepts connections on ``port`` of 127.0.0.1
+    (10 s at most); if it exits first, fail the test with the end of its ``log``."""
+    process: trio.Process = await nursery.start(partial(trio.run_process, command, check=False,
+                                                        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL))
+    with trio.fail_after(10):
+        while True:
+            if process.returncode is not None:
+                pytest.fail(f"{command[0]} exited with {process.returncode}:\n{log_tail(log)}")
+            try:
+                stream = await trio.open_tcp_stream("127.0.0.1", port)
+            except OSError:
+                await trio.sleep(0.02)
+                continue
+            await stream.aclose()
+            return process
+
+
 class RedisServer:
     """One redis-server process that a test can stop and start again on the same port."""
 
@@ -55,20 +78,7 @@ class RedisServer:
         command = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
                    "--dir", str(self.directory), "--logfile", str(self.directory / "redis.log"),
                    "--unixsocket", str(self.directory / "redis.sock")]
-        self.process = await self.nursery.start(partial(trio.run_process, command, check=False,
-                                                        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL))
-        with trio.fail_after(10):
-            while True:
-                if self.process.returncode is not None:
-                    log = (self.directory / "redis.log").read_text(errors="replace")[-2000:]
-                    pytest.fail(f"redis-server exited with {self.process.returncode}:\n{log}")
-                try:
-                    stream = await trio.open_tcp_stream("127.0.0.1", self.port)
-                except OSError:
-                    await trio.sleep(0.02)
-                    continue
-                await stream.aclose()
-                return
+        self.process = await start_listening(self.nursery, command, self.port, self.directory / "redis.log")
 
     async def stop(self) -> None:
         """Kill it (as a crash would) and wait until it is gone."""
@@ -103,17 +113,4 @@ class RedisSentinel:
                           f"logfile {self.directory / 'sentinel.log'}\n"
                           f"sentinel monitor {self.service} 127.0.0.1 {self.server.port} 1\n")
         command = [self.server.binary, str(config), "--sentinel"]
-        self.process = await self.nursery.start(partial(trio.run_process, command, check=False,
-                                                        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL))
-        with trio.fail_after(10):
-            while True:
-                if self.process.returncode is not None:
-                    log = (self.directory / "sentinel.log").read_text(errors="replace")[-2000:]
-                    pytest.fail(f"redis sentinel exited with {self.process.returncode}:\n{log}")
-                try:
-                    stream = await trio.open_tcp_stream("127.0.0.1", self.port)
-                except OSError:
-                    await trio.sleep(0.02)
-                    continue
-                await stream.aclose()
-                return
+        self.process = await start_listening(self.nursery, command, self.port, self.directory / "sentinel.log")
