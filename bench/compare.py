@@ -431,6 +431,16 @@ async def main_async(args: argparse.Namespace) -> None:
                 f"{kind} " + ", ".join(fmt(value) for value in figures[kind].values.get(name, [])) for kind in kinds))
 
 
+def add_quiet_arguments(parser: argparse.ArgumentParser, *, below: float, window: float, cap: float,
+                        at_cap: str = "go on") -> None:
+    """``--quiet-below``, ``--quiet-for`` and ``--quiet-cap`` (see ``bench.surfaces.wait_quiet``), with
+    this bench's defaults; ``at_cap``: what it does when the machine stays busy."""
+    parser.add_argument("--quiet-below", type=float, default=below,
+                        help="wait until every core is under this %% busy before each round (0: do not wait)")
+    parser.add_argument("--quiet-for", type=float, default=window, help="seconds the cores must stay under it")
+    parser.add_argument("--quiet-cap", type=float, default=cap, help=f"seconds to wait at most, then {at_cap}")
+
+
 def main() -> None:
     """``python -m bench.compare``."""
     parser = argparse.ArgumentParser(description="trioai vs the FastAPI + OpenAI-client design")
@@ -445,10 +455,7 @@ def main() -> None:
     parser.add_argument("--paced-only", action="store_true",
                         help="only the paced load (e.g. to compare --streams 16, 32, 64): no throughput, cancel "
                              "or idle runs")
-    parser.add_argument("--quiet-below", type=float, default=0.0,
-                        help="before each round, wait until both cores are under this %% busy (0: don't)")
-    parser.add_argument("--quiet-for", type=float, default=10.0, help="seconds the cores must stay under it")
-    parser.add_argument("--quiet-cap", type=float, default=120.0, help="longest wait for a quiet machine, s")
+    add_quiet_arguments(parser, below=0.0, window=10.0, cap=120.0)
     parser.add_argument("--gateway-code", action="append", metavar="DIR",
                         help="run trioai from DIR/trioai instead of this tree (repeatable: an A/B, a column per "
                              "copy, alternating within each round)")

@@ -45,7 +45,7 @@ from typing import cast
 import httpx
 import trio
 
-from bench.compare import busy_percent, free_port, machine_cpu
+from bench.compare import add_quiet_arguments, busy_percent, free_port, machine_cpu
 from bench.loadgen import ws_load
 from bench.queue import CURRENT, gateway_from
 from bench.run import Process, fake_engine, row
@@ -268,10 +268,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=256, help="tokens per generation")
     parser.add_argument("--duration", type=float, default=3.0, help="seconds of each relaying run")
     parser.add_argument("--engine-delay", type=float, default=0.0, help="the fake engines' seconds between tokens")
-    parser.add_argument("--quiet-below", type=float, default=15.0,
-                        help="wait until every core is under this %% busy before each round (0: do not wait)")
-    parser.add_argument("--quiet-for", type=float, default=10.0, help="seconds the cores must stay under it")
-    parser.add_argument("--quiet-cap", type=float, default=300.0, help="seconds to wait at most, then go on")
+    add_quiet_arguments(parser, below=15.0, window=10.0, cap=300.0)
     args = parser.parse_args()
     if args.engines < 2:
         parser.error("--engines must be at least 2")

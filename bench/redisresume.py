@@ -59,7 +59,7 @@ from datetime import date
 
 import trio
 
-from bench.compare import Figures, busy_percent, fmt, free_port, machine_cpu, schedstat_seconds
+from bench.compare import Figures, add_quiet_arguments, busy_percent, fmt, free_port, machine_cpu, schedstat_seconds
 from bench.loadgen import LoadResult, percentile
 from bench.queue import CURRENT
 from bench.run import Process, fake_engine, row
@@ -452,10 +452,7 @@ def main() -> None:
     parser.add_argument("--profile-load", default="64x50", help="STREAMSxTOKENS back to back while profiling")
     parser.add_argument("--top", type=int, default=15, help="functions listed per profile")
     parser.add_argument("--redis-server", metavar="PATH", help="the redis-server executable (default: on PATH)")
-    parser.add_argument("--quiet-below", type=float, default=15.0,
-                        help="wait until every core is under this %% busy before each round (0: do not wait)")
-    parser.add_argument("--quiet-for", type=float, default=20.0, help="seconds the cores must stay under it")
-    parser.add_argument("--quiet-cap", type=float, default=300.0, help="seconds to wait at most, then go on")
+    add_quiet_arguments(parser, below=15.0, window=20.0, cap=300.0)
     parser.add_argument("--gateway-code", metavar="DIR",
                         help="run the gateway from DIR/trioai (e.g. a copy of a commit's) instead of this tree")
     args = parser.parse_args()

@@ -72,6 +72,7 @@ from trio_websocket import WebSocketConnection, open_websocket_url
 from bench.compare import (
     Figures,
     Server,
+    add_quiet_arguments,
     busy_percent,
     fmt,
     free_port,
@@ -599,10 +600,7 @@ def main() -> None:
     parser.add_argument("--detach-after", type=int, default=5, help="tokens read before closing, detached run")
     parser.add_argument("--profile", type=float, default=10.0, help="seconds of py-spy per surface (0: none)")
     parser.add_argument("--top", type=int, default=15, help="functions listed per profile")
-    parser.add_argument("--quiet-below", type=float, default=15.0,
-                        help="wait until every core is under this %% busy before each round (0: do not wait)")
-    parser.add_argument("--quiet-for", type=float, default=20.0, help="seconds the cores must stay under it")
-    parser.add_argument("--quiet-cap", type=float, default=900.0, help="seconds to wait at most, then stop")
+    add_quiet_arguments(parser, below=15.0, window=20.0, cap=900.0, at_cap="stop")
     parser.add_argument("--gateway-code", metavar="DIR",
                         help="run the gateway from DIR/trioai (e.g. a copy of a commit's) instead of this tree")
     args = parser.parse_args()
