@@ -268,6 +268,8 @@ class Upstream:
         )
         # What a chat request repeats, built once (see stream_chat).
         self._chat_url = httpx.URL(self.base_url + "/chat/completions")
+        # send_chat_now's transport can write at once (plain HTTP): else it would build requests for nothing.
+        self._sends_now = isinstance(self.transport, H11Transport) and self._chat_url.scheme == "http"
         self._chat_headers = self._probes.headers.copy()
         self._chat_headers["content-type"] = "application/json"
         self._chat_extensions = {"timeout": timeout.as_dict()}
@@ -323,7 +325,7 @@ class Upstream:
         ``sent=`` reads its answer. The caller abandons what it does not read (``SentRequest.abandon``).
         """
         transport = self.transport
-        if not isinstance(transport, H11Transport):
+        if not self._sends_now or not isinstance(transport, H11Transport):
             return None
         return transport.send_now(self._chat_request(payload, started_at))
 
