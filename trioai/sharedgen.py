@@ -228,13 +228,10 @@ class SharedGenerations:
         from another writer: this instance lost the generation (its lease ran out meanwhile)."""
         assert generation.token is not None
         key = generation_key(generation.token)
-        # Frames this instance has appended already (a resume here replays them) are in the log: not
-        # again, which the log would refuse as another writer's, cancelling the generation.
-        logged = self.appended.get(key, 0)
         entries = []
         for frame in frames:
             seq = frame_seq(frame)
-            if seq is not None and seq > logged:
+            if seq is not None:
                 entries.append((seq, frame))
         if not entries:
             return True
@@ -260,7 +257,8 @@ class SharedGenerations:
             self._wake = trio.Event()
             batch, self._batch = self._batch, _Batch()
             # What an earlier flush logged is not sent again: a relay replays the frames a lost
-            # connection's flush carried, and the log would refuse them as another writer's.
+            # connection's flush carried, a resume here replays logged frames, and the log would
+            # refuse them as another writer's.
             appends: dict[str, list[tuple[int, str]]] = {}
             for key, entries in batch.appends.items():
                 logged = self.appended.get(key, 0)
