@@ -321,7 +321,7 @@ class H11Transport(httpx.AsyncBaseTransport):
 
 
 class SentRequest:
-    """A request :meth:`H11Transport.send_now` wrote (or began to write) on a pooled connection.
+    """A request :meth:`H11Transport.send_now` wrote (or began to write) on a pooled or new connection.
 
     Exactly one of :meth:`response` (write the rest, read the answer) or :meth:`abandon` (close
     the connection) should follow; both are safe to call again, and after each other.
