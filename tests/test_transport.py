@@ -13,7 +13,7 @@ import trio
 
 from trioai.fake_upstream import FakeUpstream, Script
 from trioai.sse import DONE, SSEDecoder, parse_chunk
-from trioai.transport import REQUEST_WRITTEN, H11Transport
+from trioai.transport import REQUEST_WRITTEN, H11Transport, ResponseBody
 from trioai.upstream import Upstream
 
 Handler = Callable[[trio.SocketStream], Awaitable[None]]
@@ -556,3 +556,55 @@ async def test_a_reused_connection_is_no_longer_connecting(nursery: trio.Nursery
         await transport.handle_async_request(request)
     assert transport.connections_open == 0
     await transport.aclose()
+
+
+@pytest.mark.parametrize("written_at_once", [False, True])
+async def test_a_chat_request_carries_its_own_headers_and_no_httpx_defaults(upstream: FakeUpstream,
+                                                                           written_at_once: bool) -> None:
+    """Built once per engine (Host included) with the body as a stream: httpx adds nothing, so
+    what the engine gets is exactly these, on the eager path and the awaited one alike."""
+    from trioai import __version__
+
+    body = chat_body("a b", 2)
+    async with Upstream(upstream.base_url, api_key="k-1") as engine:
+        sent = engine.send_chat_now(body) if written_at_once else None
+        assert (sent is not None) is written_at_once
+        async with engine.stream_chat(body, sent=sent) as stream:
+            assert [chunk.content async for chunk in stream if chunk.content] == ["a ", "b "]
+    record = upstream.requests[-1]
+    assert record.body == {**body, "stream": True, "stream_options": {"include_usage": True}}
+    content_length = record.headers.pop("content-length")
+    assert int(content_length) == len(json.dumps(record.body, separators=(",", ":")).encode())
+    assert record.headers == {
+        "host": upstream.base_url.removeprefix("http://").split("/")[0], "user-agent": f"trioai/{__version__}",
+        "accept-encoding": "identity", "authorization": "Bearer k-1", "content-type": "application/json",
+    }
+
+
+async def test_new_plain_connections_send_without_delay(upstream: FakeUpstream) -> None:
+    """Both ways of opening one (the eager write's and the awaited one) set ``TCP_NODELAY``, as
+    trio's ``SocketStream`` did before connections were made without it."""
+    import socket
+
+    transport = H11Transport()
+    async with Upstream(upstream.base_url, transport=transport) as engine:
+        for sent in (engine.send_chat_now(chat_body("a", 1)), None):
+            async with engine.stream_chat(chat_body("a", 1), sent=sent) as stream:
+                assert [chunk.content async for chunk in stream if chunk.content] == ["a "]
+                body = stream._response.stream
+                assert isinstance(body, ResponseBody) and body._conn is not None
+                assert body._conn.socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+            transport.close_expired()
+            while transport.connections_idle:  # the next request opens a new connection
+                transport._discard(transport._idle.pop())
+
+
+def test_ip_family_tells_addresses_from_names() -> None:
+    import socket
+
+    from trioai.transport import _ip_family
+
+    assert _ip_family(b"127.0.0.1") == socket.AF_INET
+    assert _ip_family(b"::1") == socket.AF_INET6
+    assert _ip_family(b"localhost") is None
+    assert _ip_family(b"engine.internal") is None

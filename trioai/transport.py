@@ -46,21 +46,20 @@ REQUEST_WRITTEN: Final = "trioai.request_written"
 
 
 class _Connection:
-    """One HTTP/1.1 connection: the byte stream, its socket and h11's state."""
+    """One HTTP/1.1 connection: its socket, the TLS stream over it if any, and h11's state."""
 
-    __slots__ = ("origin", "stream", "socket", "receive", "send", "h11", "idle_since", "read_at", "connecting")
+    __slots__ = ("origin", "socket", "receive", "send", "h11", "idle_since", "read_at", "connecting")
 
-    def __init__(self, origin: tuple[bytes, bytes, int], stream: trio.abc.Stream, socket: trio.socket.SocketType):
+    def __init__(self, origin: tuple[bytes, bytes, int], socket: trio.socket.SocketType,
+                 tls: trio.SSLStream[trio.SocketStream] | None = None):
         self.origin = origin
-        self.stream = stream
         self.socket = socket
         # Plain TCP reads and writes straight on the socket (see sockets.py): this is the per-token read.
-        plain = isinstance(stream, trio.SocketStream)
         self.receive: Callable[[int], Awaitable[bytes | bytearray]] = (
-            functools.partial(read_socket, socket) if plain else stream.receive_some
+            functools.partial(read_socket, socket) if tls is None else tls.receive_some
         )
         self.send: Callable[[bytes], Awaitable[None]] = (
-            functools.partial(write_socket, socket) if plain else stream.send_all
+            functools.partial(write_socket, socket) if tls is None else tls.send_all
         )
         self.h11 = h11.Connection(h11.CLIENT)
         self.idle_since = 0.0
@@ -163,7 +162,7 @@ class H11Transport(httpx.AsyncBaseTransport):
         conn = self._take_idle(origin) or self._open_now(origin)
         if conn is None:
             return None
-        data = _request_bytes(conn, request, [request.content])
+        data = _request_bytes(conn, request, [request.read()])
         try:
             written = os.write(conn.socket.fileno(), data)
         except BlockingIOError:
@@ -180,17 +179,19 @@ class H11Transport(httpx.AsyncBaseTransport):
     def _open_now(self, origin: tuple[bytes, bytes, int]) -> _Connection | None:
         """A new plain-HTTP connection to an IP address, its connect started (see :func:`_connect_tcp`);
         None when no slot is free, the host is a name, or the connect failed at once."""
-        try:
-            ipaddress.ip_address(origin[1].decode("ascii"))
-            self._slots.acquire_nowait()
-        except (ValueError, trio.WouldBlock):
+        family = _ip_family(origin[1])
+        if family is None:
             return None
         try:
-            tcp, pending = _start_connect(origin[1].decode("ascii"), origin[2])
+            self._slots.acquire_nowait()
+        except trio.WouldBlock:
+            return None
+        try:
+            sock, pending = _start_connect(family, origin[1], origin[2])
         except OSError:
             self._slots.release()
             return None
-        conn = _Connection(origin, tcp, tcp.socket)
+        conn = _Connection(origin, sock)
         conn.connecting = pending
         return conn
 
@@ -249,22 +250,22 @@ class H11Transport(httpx.AsyncBaseTransport):
             with trio.move_on_after(_seconds(timeouts.get("connect"))) as connecting:
                 try:
                     # Plain HTTP to an address: the request is written while the connection completes.
-                    tcp, pending = await _connect_tcp(host.decode("ascii"), port, wait=scheme == b"https")
+                    sock, pending = await _connect_tcp(host, port, wait=scheme == b"https")
                 except OSError as exc:
                     raise httpx.ConnectError(str(exc) or type(exc).__name__, request=request) from exc
-                stream: trio.abc.Stream = tcp
+                tls = None
                 if scheme == b"https":
                     context = self._ssl_context or ssl.create_default_context()
-                    tls = trio.SSLStream(tcp, context, server_hostname=host.decode("ascii"), https_compatible=True)
+                    tls = trio.SSLStream(trio.SocketStream(sock), context, server_hostname=host.decode("ascii"),
+                                         https_compatible=True)
                     try:
                         await tls.do_handshake()
                     except (trio.BrokenResourceError, ssl.SSLError) as exc:
-                        tcp.socket.close()
+                        sock.close()
                         raise httpx.ConnectError(f"TLS handshake failed: {exc}", request=request) from exc
-                    stream = tls
             if connecting.cancelled_caught:
                 raise httpx.ConnectTimeout("connecting to the engine timed out", request=request)
-            conn = _Connection(origin, stream, tcp.socket)
+            conn = _Connection(origin, sock, tls)
             conn.connecting = pending
             return conn
         except BaseException:
@@ -433,9 +434,9 @@ async def _next_event(conn: _Connection, request: httpx.Request) -> object:
         raise httpx.ReadError(f"reading from the engine failed: {exc}", request=request) from exc
 
 
-async def _connect_tcp(host: str, port: int, *, wait: bool = True) -> tuple[trio.SocketStream, bool]:
-    """A TCP connection to ``host``, and whether it may still be completing; for an IP address (the
-    usual engine URL) one plain connect.
+async def _connect_tcp(host: bytes, port: int, *, wait: bool = True) -> tuple[trio.socket.SocketType, bool]:
+    """A TCP connection to ``host`` (``TCP_NODELAY`` set), and whether it may still be completing;
+    for an IP address (the usual engine URL) one plain connect.
 
     ``trio.open_tcp_stream`` resolves the name and races the addresses it finds (happy eyeballs)
     in a nursery of its own; for a single literal address that is half the CPU of a new engine
@@ -444,41 +445,53 @@ async def _connect_tcp(host: str, port: int, *, wait: bool = True) -> tuple[trio
     handshake is in fact done by then): the first write waits until the socket is writable, and
     fails with the connect's error if it failed, so a new connection costs no schedule point.
     """
-    try:
-        family = stdlib_socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else stdlib_socket.AF_INET
-    except ValueError:
-        return await trio.open_tcp_stream(host, port), False
+    family = _ip_family(host)
+    if family is None:
+        stream = await trio.open_tcp_stream(host.decode("ascii"), port)  # sets TCP_NODELAY
+        return stream.socket, False
     if not wait:
-        stream, pending = _start_connect(host, port)
+        sock, pending = _start_connect(family, host, port)
         try:
             await trio.lowlevel.checkpoint_if_cancelled()
         except BaseException:
-            stream.socket.close()
+            sock.close()
             raise
-        return stream, pending
+        return sock, pending
     sock = trio.socket.socket(family, stdlib_socket.SOCK_STREAM)
     try:
-        await sock.connect((host, port))
+        sock.setsockopt(stdlib_socket.IPPROTO_TCP, stdlib_socket.TCP_NODELAY, True)
+        await sock.connect((host.decode("ascii"), port))
     except BaseException:
         sock.close()
         raise
-    return trio.SocketStream(sock), False
+    return sock, False
 
 
-def _start_connect(host: str, port: int) -> tuple[trio.SocketStream, bool]:
-    """A TCP connect to the IP address ``host`` started, and whether it may still be completing
-    (see :func:`_connect_tcp`); ``OSError`` when it failed at once."""
-    family = stdlib_socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else stdlib_socket.AF_INET
-    raw = stdlib_socket.socket(family, stdlib_socket.SOCK_STREAM)
+def _start_connect(family: int, host: bytes, port: int) -> tuple[trio.socket.SocketType, bool]:
+    """A TCP connect to the IP address ``host`` started (``TCP_NODELAY`` set), and whether it may
+    still be completing (see :func:`_connect_tcp`); ``OSError`` when it failed at once."""
+    raw = stdlib_socket.socket(family, stdlib_socket.SOCK_STREAM | stdlib_socket.SOCK_NONBLOCK)
     try:
-        raw.setblocking(False)
-        code = raw.connect_ex((host, port))
+        raw.setsockopt(stdlib_socket.IPPROTO_TCP, stdlib_socket.TCP_NODELAY, True)
+        address = (host.decode("ascii"), port)
+        code = raw.connect_ex(address)
         if code not in (0, errno.EINPROGRESS):
-            raise OSError(code, f"Error connecting to {(host, port)!r}: {os.strerror(code)}")
+            raise OSError(code, f"Error connecting to {address!r}: {os.strerror(code)}")
     except BaseException:
         raw.close()
         raise
-    return trio.SocketStream(trio.socket.from_stdlib_socket(raw)), code != 0
+    return trio.socket.from_stdlib_socket(raw), code != 0
+
+
+@functools.lru_cache(maxsize=256)
+def _ip_family(host: bytes) -> int | None:
+    """``AF_INET`` or ``AF_INET6`` for an IP address, None for a host name (asked once per host:
+    ``ipaddress`` takes microseconds, and every new engine connection asks)."""
+    try:
+        version = ipaddress.ip_address(host.decode("ascii")).version
+    except ValueError:
+        return None
+    return stdlib_socket.AF_INET6 if version == 6 else stdlib_socket.AF_INET
 
 
 def _seconds(timeout: float | None) -> float:
