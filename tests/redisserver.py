@@ -114,3 +114,84 @@ class RedisSentinel:
                           f"sentinel monitor {self.service} 127.0.0.1 {self.server.port} 1\n")
         command = [self.server.binary, str(config), "--sentinel"]
         self.process = await start_listening(self.nursery, command, self.port, self.directory / "sentinel.log")
+
+
+class RedisCluster:
+    """A Redis Cluster of ``size`` primaries (Debian's redis-server in cluster mode, each on a free
+    port in its own directory, no replicas), its slots assigned by ``redis-cli --cluster create``."""
+
+    def __init__(self, nursery: trio.Nursery, directory: Path, size: int = 3) -> None:
+        self.nursery = nursery
+        self.directory = directory
+        self.binary = redis_binary()
+        self.ports = [free_port() for _ in range(size)]
+        self.bus_ports = [free_port() for _ in range(size)]  # the nodes' gossip (else port + 10000)
+        self.processes: list[trio.Process] = []
+
+    @property
+    def url(self) -> str:
+        """The ``redis+cluster://`` URL trioai takes: its first node (coredis asks it for the rest)."""
+        return f"redis+cluster://127.0.0.1:{self.ports[0]}"
+
+    async def start(self) -> None:
+        """Start every node, form the cluster, and wait until each node says it is ``ok`` (20 s at most)."""
+        for port, bus_port in zip(self.ports, self.bus_ports, strict=True):
+            home = self.directory / f"cluster-{port}"
+            home.mkdir()
+            command = [self.binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                       "--cluster-enabled", "yes", "--cluster-port", str(bus_port),
+                       "--cluster-config-file", str(home / "nodes.conf"),
+                       "--dir", str(home), "--logfile", str(home / "redis.log")]
+            self.processes.append(await start_listening(self.nursery, command, port, home / "redis.log"))
+        cli = str(Path(self.binary).with_name("redis-cli"))
+        with trio.fail_after(20):
+            created = await trio.run_process(
+                [cli, "--cluster", "create", *(f"127.0.0.1:{port}" for port in self.ports), "--cluster-replicas", "0",
+                 "--cluster-yes"], capture_stdout=True, capture_stderr=True, check=False)
+            if created.returncode != 0:
+                pytest.fail(f"redis-cli --cluster create failed:\n{(created.stdout + created.stderr).decode()[-2000:]}")
+            for port in self.ports:
+                while b"cluster_state:ok" not in (await trio.run_process(
+                        [cli, "-p", str(port), "cluster", "info"], capture_stdout=True, check=False)).stdout:
+                    await trio.sleep(0.05)
+
+    async def key_counts(self) -> list[int]:
+        """How many keys each node holds (``DBSIZE``), in the order of :attr:`ports`."""
+        cli = str(Path(self.binary).with_name("redis-cli"))
+        return [int((await trio.run_process([cli, "-p", str(port), "dbsize"], capture_stdout=True)).stdout)
+                for port in self.ports]
+
+    async def _cli(self, port: int, *args: str) -> str:
+        cli = str(Path(self.binary).with_name("redis-cli"))
+        return (await trio.run_process([cli, "-p", str(port), *args], capture_stdout=True)).stdout.decode().strip()
+
+    async def slot_owner(self, key: str) -> int:
+        """The port of the primary that the first node says holds ``key``'s hash slot."""
+        slot = int(await self._cli(self.ports[0], "cluster", "keyslot", key))
+        owner = await self._slot_owner_seen_by(self.ports[0], slot)
+        assert owner is not None, f"no node holds slot {slot}"
+        return owner
+
+    async def give_slot(self, key: str, port: int) -> None:
+        """Move ``key``'s (empty) hash slot to the primary on ``port`` as a resharding does, and wait
+        until every node agrees (10 s at most)."""
+        slot = await self._cli(self.ports[0], "cluster", "keyslot", key)
+        source = await self.slot_owner(key)
+        source_id, target_id = await self._cli(source, "cluster", "myid"), await self._cli(port, "cluster", "myid")
+        await self._cli(port, "cluster", "setslot", slot, "importing", source_id)
+        await self._cli(source, "cluster", "setslot", slot, "migrating", target_id)
+        for node in (port, source, *(p for p in self.ports if p not in (port, source))):
+            await self._cli(node, "cluster", "setslot", slot, "node", target_id)
+        with trio.fail_after(10):
+            while any([await self._slot_owner_seen_by(node, int(slot)) != port for node in self.ports]):
+                await trio.sleep(0.05)
+
+    async def _slot_owner_seen_by(self, node: int, slot: int) -> int | None:
+        """The port of the primary that the node on ``node`` says holds ``slot`` (``CLUSTER NODES``)."""
+        for line in (await self._cli(node, "cluster", "nodes")).splitlines():
+            fields = line.split()
+            for span in fields[8:]:
+                first, _, last = span.partition("-")
+                if first.isdigit() and int(first) <= slot <= int(last or first):
+                    return int(fields[1].split("@")[0].rpartition(":")[2])
+        return None

@@ -16,6 +16,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import pytest
 import trio
 from trio_websocket import open_websocket_url
 
@@ -23,7 +24,7 @@ from trioai.client import connect
 from trioai.fake_upstream import FakeUpstream, Script, numbered_script
 
 from .helpers import chat
-from .redisserver import RedisServer
+from .redisserver import RedisCluster, RedisServer
 from .scaleout import TrioaiProcess, owner_of_the_running_generation, start_nginx_in_front, trioai_processes
 from .test_nginx import nginx_binary  # noqa: F401 - the fixture
 
@@ -38,24 +39,31 @@ def numbered(start: int, stop: int) -> str:
     return "".join(f"w{i} " for i in range(start, stop))
 
 
+#: The shared state both ways it is deployed: one redis-server, or a three-primary Redis Cluster.
+STORES = pytest.mark.parametrize("store", ["redis-server", "cluster"])
+
+
 @asynccontextmanager
-async def behind_nginx(nursery: trio.Nursery, tmp_path: Path, nginx: str, engine: FakeUpstream,
+async def behind_nginx(nursery: trio.Nursery, tmp_path: Path, nginx: str, engine: FakeUpstream, store: str,
                        *options: str) -> AsyncIterator[tuple[list[TrioaiProcess], str]]:
-    """``engine`` serving, a redis-server, two ``trioai serve`` processes in front of the engine sharing
-    it (with ``options``), and a real Nginx in front of them: the processes and Nginx's URL."""
+    """``engine`` serving, the ``store`` (a redis-server or a Redis Cluster), two ``trioai serve``
+    processes in front of the engine sharing it (with ``options``), and a real Nginx in front of
+    them: the processes and Nginx's URL."""
     await nursery.start(engine.serve)
-    redis = RedisServer(nursery, tmp_path)
+    redis: RedisServer | RedisCluster = (RedisServer(nursery, tmp_path) if store == "redis-server"
+                                         else RedisCluster(nursery, tmp_path))
     await redis.start()
     async with trioai_processes(tmp_path, 2, "--upstream", engine.base_url, "--redis", redis.url,
                                 *options) as instances:
         yield instances, await start_nginx_in_front(nursery, nginx, tmp_path, [i.port for i in instances])
 
 
+@STORES
 async def test_an_answer_survives_the_kill_of_its_instance_behind_nginx(
-    nursery: trio.Nursery, tmp_path: Path, nginx_binary: str  # noqa: F811
+    nursery: trio.Nursery, tmp_path: Path, nginx_binary: str, store: str  # noqa: F811
 ) -> None:
     engine = FakeUpstream(slow_numbered)
-    async with behind_nginx(nursery, tmp_path, nginx_binary, engine, "--lease-seconds", "1",
+    async with behind_nginx(nursery, tmp_path, nginx_binary, engine, store, "--lease-seconds", "1",
                             "--ping-interval", "1") as (instances, url):
         received: list[str] = []
         killed: TrioaiProcess | None = None
@@ -77,13 +85,14 @@ async def test_an_answer_survives_the_kill_of_its_instance_behind_nginx(
     assert numbered(0, TOKENS).startswith(follow_up["messages"][-1]["content"])
 
 
+@STORES
 async def test_capacity_holds_across_two_instances_behind_nginx(
-    nursery: trio.Nursery, tmp_path: Path, nginx_binary: str  # noqa: F811
+    nursery: trio.Nursery, tmp_path: Path, nginx_binary: str, store: str  # noqa: F811
 ) -> None:
     """max_concurrency 4 across two processes: 20 clients at once through Nginx never put more than 4
     requests on the engine, every one completes, and the positions they are told are the cluster's."""
     engine = FakeUpstream(lambda body: Script(tokens=("x ",) * 4, delay=0.05, finish_reason="length"))
-    async with behind_nginx(nursery, tmp_path, nginx_binary, engine, "--lease-seconds", "2",
+    async with behind_nginx(nursery, tmp_path, nginx_binary, engine, store, "--lease-seconds", "2",
                             "--max-concurrency", "4") as (instances, url):
         positions: list[list[int]] = []
         texts: list[str] = []

@@ -17,10 +17,10 @@ import trio
 import trio.testing
 
 from trioai.config import ConfigError, Settings
-from trioai.redisstate import RedisState, _sentinel_parts, check_redis, check_redis_url, redact
+from trioai.redisstate import RedisState, _cluster_parts, _sentinel_parts, check_redis, check_redis_url, redact
 from trioai.state import Buckets, LocalState, State, StateUnavailable, Take, make_state
 
-from .redisserver import RedisSentinel, RedisServer, free_port
+from .redisserver import RedisCluster, RedisSentinel, RedisServer, free_port
 
 # Leases, slots, waiters and logs given this time to live expire after ADVANCE: real seconds on
 # Redis (its own clock), a step of the test's clock in process.
@@ -61,10 +61,11 @@ async def started_redis_state(nursery: trio.Nursery, url: str, *, timeout: float
     return state
 
 
-@pytest.fixture(params=["local", "redis", "sentinel"])
+@pytest.fixture(params=["local", "redis", "sentinel", "cluster"])
 async def backend(request: pytest.FixtureRequest, nursery: trio.Nursery, tmp_path: Path) -> AsyncIterator[Backend]:
-    """Each backend in turn, empty: in process, a redis-server, and that server as the primary a
-    Redis Sentinel names (``redis+sentinel://``)."""
+    """Each backend in turn, empty: in process, a redis-server, that server as the primary a
+    Redis Sentinel names (``redis+sentinel://``), and a three-primary Redis Cluster
+    (``redis+cluster://``)."""
     if request.param == "local":
         clock = FakeClock()
 
@@ -72,6 +73,11 @@ async def backend(request: pytest.FixtureRequest, nursery: trio.Nursery, tmp_pat
             clock.now += seconds
 
         yield Backend("local", LocalState(clock), step)
+        return
+    if request.param == "cluster":
+        cluster = RedisCluster(nursery, tmp_path)
+        await cluster.start()
+        yield Backend("redis", await started_redis_state(nursery, cluster.url), trio.sleep)
         return
     server = RedisServer(nursery, tmp_path)
     await server.start()
@@ -478,6 +484,8 @@ async def test_calls_before_the_client_runs_are_unavailable() -> None:
     ("redis+sentinel://127.0.0.1/trioai", "host:port"),
     ("redis+sentinel://127.0.0.1:26379,:26380/trioai", "host:port"),
     ("redis+sentinel://127.0.0.1:26379/trioai/x", "database must be a number"),
+    ("redis+cluster://127.0.0.1", "each Cluster node needs host:port"),
+    ("redis+cluster://127.0.0.1:7000/0", "only database 0"),
 ])
 def test_a_malformed_url_is_a_config_error(url: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
@@ -487,7 +495,8 @@ def test_a_malformed_url_is_a_config_error(url: str, message: str) -> None:
 def test_well_formed_urls_pass() -> None:
     for url in ("redis://127.0.0.1:6379", "rediss://user:pw@redis.example:6380/2", "unix:///run/redis.sock",
                 "redis+sentinel://10.0.0.1:26379,10.0.0.2:26379,[::1]:26379/trioai/2",
-                "redis+sentinel://:pw@sentinel.example:26379/trioai"):
+                "redis+sentinel://:pw@sentinel.example:26379/trioai", "redis+cluster://10.0.0.1:7000,[::1]:7001",
+                "redis+cluster://:pw@cluster.example:7000/"):
         check_redis_url(url)
 
 
@@ -496,6 +505,66 @@ def test_a_sentinel_url_names_its_sentinels_service_database_and_password() -> N
         [("10.0.0.1", 26379), ("::1", 26380)], "svc", 3, "p@ss")
     assert _sentinel_parts("redis+sentinel://h:1/svc") == ([("h", 1)], "svc", 0, None)
     assert "p%40ss" not in redact("redis+sentinel://:p%40ss@h:1/svc")
+
+
+def test_a_cluster_url_names_its_startup_nodes_and_password() -> None:
+    assert _cluster_parts("redis+cluster://:p%40ss@10.0.0.1:7000,[::1]:7001") == (
+        [("10.0.0.1", 7000), ("::1", 7001)], "p@ss")
+    assert _cluster_parts("redis+cluster://h:1") == ([("h", 1)], None)
+    assert "p%40ss" not in redact("redis+cluster://:p%40ss@h:1")
+
+
+async def test_check_redis_of_a_cluster(nursery: trio.Nursery, tmp_path: Path, redis_server: RedisServer) -> None:
+    """A Cluster passes; a plain server named as a Cluster is a clear start error."""
+    cluster = RedisCluster(nursery, tmp_path)
+    await cluster.start()
+    await check_redis(cluster.url)
+    with pytest.raises(ConfigError, match="cannot use this Redis"):
+        await check_redis(f"redis+cluster://127.0.0.1:{redis_server.port}", 2.0)
+
+
+async def test_on_a_cluster_every_key_is_on_one_primary(nursery: trio.Nursery, tmp_path: Path) -> None:
+    """Logs of several generations, leases, records, buckets, slots and a queue: all in the
+    prefix's one hash slot (scripts over several of them run at all only so), so one node holds them."""
+    cluster = RedisCluster(nursery, tmp_path)
+    await cluster.start()
+    state = await started_redis_state(nursery, cluster.url)
+    assert await state.append_many([(f"log-{n}", [(1, f"frame {n}")]) for n in range(20)], ttl=60, maxlen=100) \
+        == [True] * 20
+    assert await state.acquire_lease("gen:a", "me", 60)
+    await state.put_record("gen:a", "{}", 60)
+    assert await state.take([Take("client-a", 60, amount=1, need=1), Take("tokens-a", 60, amount=1, need=1)]) == 0.0
+    assert await state.acquire_slot("engine", 1, "holder-1", 60, queue="engine")
+    assert await state.join_queue("engine", "waiter-1", 60) == 1
+    await state.leave_queue("engine", "waiter-1")
+    assert await state.queue_length("engine") == 0
+    counts = await cluster.key_counts()
+    assert sorted(counts)[:2] == [0, 0] and max(counts) >= 20 + 5, counts
+
+
+async def test_on_a_cluster_a_moved_slot_is_followed(nursery: trio.Nursery, tmp_path: Path) -> None:
+    """The keys' slot given to another primary: the next call is told MOVED (unavailable, as
+    any failure), and once the retry interval passes the state works on the new owner."""
+    cluster = RedisCluster(nursery, tmp_path)
+    await cluster.start()
+    state = await started_redis_state(nursery, cluster.url, retry_interval=0.2)
+    assert await state.acquire_lease("gen:a", "me", 60)
+    assert await state.release_lease("gen:a", "me")  # the slot is empty again: it can be given away
+    owner = await cluster.slot_owner("{trioai}")
+    target = next(port for port in cluster.ports if port != owner)
+    await cluster.give_slot("{trioai}", target)
+    with pytest.raises(StateUnavailable):
+        await state.acquire_lease("gen:b", "me", 60)
+    await trio.sleep(0.3)
+    with trio.fail_after(10):
+        while True:
+            try:
+                assert await state.acquire_lease("gen:b", "me", 60)
+                break
+            except StateUnavailable:
+                await trio.sleep(0.3)
+    counts = dict(zip(cluster.ports, await cluster.key_counts(), strict=True))
+    assert counts[target] == 1 and counts[owner] == 0
 
 
 async def test_check_redis_through_a_sentinel(nursery: trio.Nursery, tmp_path: Path,

@@ -240,8 +240,8 @@ class Settings:
     )
     redis: str | None = _setting(
         None, "redis://, rediss:// or unix:// URL of the Redis (or Valkey) that instances share state through, or "
-        "redis+sentinel://host:port[,host:port...]/service[/db] to follow the primary Sentinel names "
-        "(unset: each process keeps its own)", check=_check_not_empty
+        "redis+sentinel://host:port[,host:port...]/service[/db] to follow the primary Sentinel names, or "
+        "redis+cluster://host:port[,host:port...] for a Redis Cluster (unset: each process keeps its own)", check=_check_not_empty
     )
     #: ``[[engines]]`` tables of the config file (not an option or variable: see :mod:`trioai.enginespec`).
     engines: tuple[EngineSpec, ...] = field(default=(), metadata={"help": "", "file_only": True})

@@ -8,11 +8,13 @@ coredis's per-command path (a pool lease, a command object, telemetry and retry 
 per script call against ~130 µs, ``bench.redisfloor``) is left to the blocking read, ``PING`` and a
 transaction. Every log a flush appends to goes in one script call (``append_many``).
 
-Keys start with a prefix (``trioai:``); a pool, a queue or a log name goes inside a Cluster hash
-tag (``{name}``), so the keys of one name live on one Cluster node, and a pool and a queue of the
-same name share one (:meth:`RedisState.acquire_slot` with ``queue`` touches both). The client is a
-standalone (or Sentinel) one: a flush's append names many logs, which a Cluster would take only
-slot by slot (see ``_APPEND``).
+Every key starts with the prefix as a Cluster hash tag (``{trioai}:log:…``), so on a Redis Cluster
+(``redis+cluster://``) all of one deployment's keys are in one hash slot, on one primary: a flush's
+append names many logs, a rate-limit take several buckets and a slot acquire a queue too, and a
+Cluster runs a script only over keys of one slot. The held connection (below) is then one to the
+primary that owns the slot; a redirect (the slot moved, a failover) drops it and refreshes coredis's
+map of the cluster. A Cluster thus gives this state its failover but no sharding (docs/deploy.md says
+what one primary carries).
 
 Event logs are Redis Streams: the entry of ``seq`` N has the id ``N-0`` and its frame in field
 ``f``; ``XADD … MAXLEN ~`` bounds them and each append sets the expiry; ``XREAD BLOCK`` follows.
@@ -30,29 +32,40 @@ between two openings, raise ``StateUnavailable``.
 
 from __future__ import annotations
 
+import binascii
 import contextlib
 import hashlib
 import logging
 import math
 import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
-from typing import Final, TypeVar, cast
+from typing import TYPE_CHECKING, Final, TypeVar, cast
 
 import anyio
 import coredis
 import coredis.exceptions
 import trio
-from coredis.connection import BaseConnection, TCPLocation
+from coredis.connection import BaseConnection, ClusterConnection, TCPLocation
+from coredis.pool import ClusterConnectionPool
 from coredis.response.types import StreamEntry
 
 from .config import ConfigError
 from .state import WINDOW, LogEntry, StateUnavailable, Take, check_seqs
 
+if TYPE_CHECKING:
+    from coredis.cluster._node import ClusterNodeLocation  # the Cluster layout's node type (not exported)
+
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+#: A standalone (or Sentinel-named) server's client, or a Redis Cluster's.
+Client = coredis.Redis[str] | coredis.RedisCluster[str]
 
-SCHEMES: Final = ("redis", "rediss", "unix", "redis+sentinel")
+SCHEMES: Final = ("redis", "rediss", "unix", "redis+sentinel", "redis+cluster")
+#: The schemes whose URL lists several ``host:port`` (sentinels, or a Cluster's startup nodes).
+_HOST_LISTS: Final = ("redis+sentinel", "redis+cluster")
+#: Hash slots of a Redis Cluster (a key's slot: CRC16 of its hash tag, modulo this).
+CLUSTER_SLOTS: Final = 16384
 #: Seconds a call may take by default (a blocking follow adds its own wait).
 DEFAULT_TIMEOUT: Final = 1.0
 #: Seconds every call fails at once after a failure, before one call tries Redis again.
@@ -212,6 +225,12 @@ redis.call('ZADD', KEYS[2], now + ttl, ARGV[1])
 for _, key in ipairs(KEYS) do extend(key, ttl) end
 return redis.call('ZRANK', KEYS[1], ARGV[1]) + 1
 """)
+# KEYS: queue, deadlines. ARGV: waiter.
+_LEAVE_QUEUE: Final = _Script("""
+redis.call('ZREM', KEYS[1], ARGV[1])
+redis.call('ZREM', KEYS[2], ARGV[1])
+""")
+
 # KEYS: queue, deadlines.
 _QUEUE_LENGTH: Final = _Script(_HELPERS + """
 prune_queue(KEYS[1], KEYS[2])
@@ -237,19 +256,22 @@ def check_redis_url(url: str) -> None:
     """Raise :class:`ConfigError` unless ``url`` has the form of a Redis URL (no I/O)."""
     try:
         parts = urllib.parse.urlsplit(url)
-        if parts.scheme != "redis+sentinel":  # its netloc lists several host:port
+        if parts.scheme not in _HOST_LISTS:  # their netloc lists several host:port
             parts.port  # noqa: B018 -- raises ValueError for a port that is not a number
     except ValueError as exc:
         raise ConfigError(f"--redis {redact(url)!r}: {exc}") from None
     if parts.scheme not in SCHEMES:
-        raise ConfigError(f"--redis {redact(url)!r}: the URL must start with redis://, rediss://, unix:// or "
-                          "redis+sentinel://")
+        raise ConfigError(f"--redis {redact(url)!r}: the URL must start with redis://, rediss://, unix://, "
+                          "redis+sentinel:// or redis+cluster://")
     if parts.scheme == "unix":
         if not parts.path:
             raise ConfigError(f"--redis {redact(url)!r}: a unix:// URL needs the socket's path")
         return
     if parts.scheme == "redis+sentinel":
         _sentinel_parts(url)
+        return
+    if parts.scheme == "redis+cluster":
+        _cluster_parts(url)
         return
     if not parts.hostname:
         raise ConfigError(f"--redis {redact(url)!r}: the URL needs a host")
@@ -295,22 +317,29 @@ def _first_leaf(group: BaseExceptionGroup[Exception]) -> Exception:
     return leaf
 
 
-def _sentinel_parts(url: str) -> tuple[list[tuple[str, int]], str, int, str | None]:
-    """A ``redis+sentinel://[:password@]host:port[,host:port...]/service[/db]`` URL's sentinels,
-    service name, database and password; :class:`ConfigError` if it has not that form."""
-    rest = url[len("redis+sentinel://"):]
+def _host_list(url: str, what: str) -> tuple[list[tuple[str, int]], str, str | None]:
+    """A ``scheme://[:password@]host:port[,host:port...][/path]`` URL's hosts (each a ``what``),
+    path and password; :class:`ConfigError` unless every host has a port."""
+    rest = url.partition("://")[2]
     password = None
     if "@" in rest:
         credentials, rest = rest.rsplit("@", 1)
         password = urllib.parse.unquote(credentials.split(":", 1)[-1]) or None
     hosts, _, path = rest.partition("/")
-    service, _, database = path.strip("/").partition("/")
-    sentinels = []
+    found = []
     for host in hosts.split(","):
         name, _, port = host.rpartition(":")
         if not name or not port.isdigit():
-            raise ConfigError(f"--redis {redact(url)!r}: each sentinel needs host:port, not {host!r}")
-        sentinels.append((name.strip("[]"), int(port)))
+            raise ConfigError(f"--redis {redact(url)!r}: each {what} needs host:port, not {host!r}")
+        found.append((name.strip("[]"), int(port)))
+    return found, path, password
+
+
+def _sentinel_parts(url: str) -> tuple[list[tuple[str, int]], str, int, str | None]:
+    """A ``redis+sentinel://[:password@]host:port[,host:port...]/service[/db]`` URL's sentinels,
+    service name, database and password; :class:`ConfigError` if it has not that form."""
+    sentinels, path, password = _host_list(url, "sentinel")
+    service, _, database = path.strip("/").partition("/")
     if not service:
         raise ConfigError(f"--redis {redact(url)!r}: a redis+sentinel:// URL needs the service name as its path")
     if database and not database.isdigit():
@@ -318,10 +347,28 @@ def _sentinel_parts(url: str) -> tuple[list[tuple[str, int]], str, int, str | No
     return sentinels, service, int(database or 0), password
 
 
+def _cluster_parts(url: str) -> tuple[list[tuple[str, int]], str | None]:
+    """A ``redis+cluster://[:password@]host:port[,host:port...]`` URL's startup nodes (any of the
+    Cluster's nodes; coredis asks them for the rest) and password; :class:`ConfigError` if it has
+    not that form (a Cluster has no databases: no path)."""
+    nodes, path, password = _host_list(url, "Cluster node")
+    if path.strip("/"):
+        raise ConfigError(f"--redis {redact(url)!r}: a Redis Cluster has only database 0: no path after the nodes")
+    return nodes, password
+
+
 @contextlib.asynccontextmanager
-async def _client(url: str, connect_timeout: float, max_connections: int = 64) -> AsyncIterator[coredis.Redis[str]]:
+async def _client(url: str, connect_timeout: float, max_connections: int = 64) -> AsyncIterator[Client]:
     """An open coredis client for ``url``: a server's, or, with ``redis+sentinel://``, the primary
-    the sentinels name (asked again on each new connection, so a failover is followed)."""
+    the sentinels name (asked again on each new connection, so a failover is followed), or, with
+    ``redis+cluster://``, a Redis Cluster's."""
+    if url.startswith("redis+cluster://"):
+        nodes, password = _cluster_parts(url)
+        async with coredis.RedisCluster(startup_nodes=[TCPLocation(host, port) for host, port in nodes],
+                                        password=password, decode_responses=True, connect_timeout=connect_timeout,
+                                        max_connections=max_connections) as cluster:
+            yield cluster
+        return
     if not url.startswith("redis+sentinel://"):
         async with coredis.Redis.from_url(url, decode_responses=True, connect_timeout=connect_timeout,
                                           max_connections=max_connections) as client:
@@ -348,13 +395,17 @@ class RedisState:
         self.timeout = timeout
         self.retry_interval = retry_interval
         self.prefix = prefix
+        tag = prefix.rstrip(":")
+        self._tag = f"{{{tag}}}:"  # every key's start: one Cluster hash slot (see the module docstring)
+        self._slot = binascii.crc_hqx(tag.encode(), 0) % CLUSTER_SLOTS
         self.available = False  # whether the last call reached Redis (False until one does)
         self.failures = 0  # calls that raised StateUnavailable, fast failures included
-        self._client: coredis.Redis[str] | None = None
+        self._client: Client | None = None
         self._down_until = -math.inf
         self._probing = False
         self._logged_down = False
         self._connection: BaseConnection | None = None  # the scripts' connection (see _held)
+        self._node: ClusterNodeLocation | None = None  # on a Cluster: the primary it goes to
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Keep the client open until cancelled (a service task); started at once, connected or not."""
@@ -378,7 +429,7 @@ class RedisState:
 
     # -- the degraded-mode wrapper --------------------------------------------------------------
 
-    async def _call(self, what: str, call: Callable[[coredis.Redis[str]], Awaitable[T]],
+    async def _call(self, what: str, call: Callable[[Client], Awaitable[T]],
                     extra_time: float = 0.0) -> T:
         """``call(client)`` within the timeout, or :class:`StateUnavailable` (see the module docstring)."""
         client = self._client
@@ -399,14 +450,16 @@ class RedisState:
                 self._logged_down = False
         return await self._attempt(what, client, call, extra_time)
 
-    async def _attempt(self, what: str, client: coredis.Redis[str],
-                       call: Callable[[coredis.Redis[str]], Awaitable[T]], extra_time: float) -> T:
+    async def _attempt(self, what: str, client: Client,
+                       call: Callable[[Client], Awaitable[T]], extra_time: float) -> T:
         try:
             with trio.fail_after(self.timeout + extra_time):
                 return await call(client)
         except (trio.TooSlowError, coredis.exceptions.RedisError, OSError, anyio.ClosedResourceError,
                 anyio.BrokenResourceError) as exc:
             # The last two: the client's connection closed under the call (it is being reopened).
+            if isinstance(exc, coredis.exceptions.RedisClusterError):
+                self._redirected(client, exc)
             self._went_down(what, exc)
             raise StateUnavailable(f"redis at {redact(self.url)} unavailable: {exc!r}") from exc
 
@@ -419,7 +472,17 @@ class RedisState:
             self._logged_down = True
         self.available = False
 
-    async def _held(self, client: coredis.Redis[str]) -> BaseConnection:
+    def _redirected(self, client: Client, exc: coredis.exceptions.RedisClusterError) -> None:
+        """A Cluster answered that the keys' slot is elsewhere (moved, failed over) or down: the held
+        connection goes, and coredis refreshes its map of the cluster before the next call."""
+        connection, self._connection = self._connection, None
+        if connection is not None:
+            _give_back(client, connection)
+        pool = client.connection_pool
+        if isinstance(pool, ClusterConnectionPool):
+            pool.cluster_layout.report_errors(self._node, exc)  # a MOVED names the new owner at once
+
+    async def _held(self, client: Client) -> BaseConnection:
         """The connection scripts and plain commands go on: one taken from the pool and kept (another
         when it fails).
 
@@ -432,11 +495,16 @@ class RedisState:
             return connection
         pool = client.connection_pool
         if connection is not None:
-            pool.release(connection)  # not usable: the pool drops it
+            _give_back(client, connection)  # not usable: the pool drops it
             self._connection = None
-        fresh: BaseConnection = await pool.get_connection()
+        fresh: BaseConnection
+        if isinstance(pool, ClusterConnectionPool):  # the primary that owns the keys' one slot
+            self._node = pool.cluster_layout.node_for_slot(self._slot)
+            fresh = await pool.get_connection(self._node)
+        else:
+            fresh = await pool.get_connection()
         if self._connection is not None:  # another call took one meanwhile: keep one
-            pool.release(fresh)
+            _give_back(client, fresh)
             return self._connection
         self._connection = fresh
         return fresh
@@ -444,20 +512,20 @@ class RedisState:
     async def _script(self, script: _Script, keys: Sequence[str], args: Sequence[str | int | float],
                       what: str = "script") -> object:
         """``script``'s answer, on the held connection."""
-        async def call(client: coredis.Redis[str]) -> object:
+        async def call(client: Client) -> object:
             return await script.run(await self._held(client), keys, args)
 
         return await self._call(what, call)
 
     async def _request(self, what: str, command: bytes, *args: str | bytes | int) -> object:
         """One plain command's answer (decoded text), on the held connection."""
-        async def call(client: coredis.Redis[str]) -> object:
+        async def call(client: Client) -> object:
             return await (await self._held(client)).create_request(command, *args)
 
         return await self._call(what, call)
 
     def _key(self, kind: str, name: str) -> str:
-        return f"{self.prefix}{kind}{{{name}}}"
+        return f"{self._tag}{kind}:{name}"
 
     # -- State ----------------------------------------------------------------------------------
 
@@ -471,7 +539,7 @@ class RedisState:
         for take in takes:
             args += [repr(float(take.per_minute)), repr(float(take.amount)), repr(float(take.need)),
                      repr(float(take.debit))]
-        result = await self._script(_TAKE, [self.prefix + take.key for take in takes], args)
+        result = await self._script(_TAKE, [self._key("bucket", take.key) for take in takes], args)
         return float(str(result))
 
     async def acquire_lease(self, key: str, owner: str, ttl: float) -> bool:
@@ -518,7 +586,7 @@ class RedisState:
         """See :meth:`trioai.state.State.read`."""
         stream = self._key("log", log)
 
-        async def call(client: coredis.Redis[str]) -> list[LogEntry]:
+        async def call(client: Client) -> list[LogEntry]:
             entries = await client.xrange(stream, f"{after + 1}-0", "+", count=limit)
             return [_entry(e) for e in entries]
 
@@ -533,7 +601,7 @@ class RedisState:
         """
         stream = self._key("log", log)
 
-        async def call(client: coredis.Redis[str]) -> list[LogEntry]:
+        async def call(client: Client) -> list[LogEntry]:
             found = await client.xread({stream: f"{after}-0"}, count=limit, block=_ms(wait))
             if not found:
                 return []
@@ -571,14 +639,7 @@ class RedisState:
 
     async def leave_queue(self, queue: str, waiter: str) -> None:
         """See :meth:`trioai.state.State.leave_queue`."""
-        members, deadlines, _ = self._queue_keys(queue)
-
-        async def call(client: coredis.Redis[str]) -> None:
-            async with client.pipeline(transaction=True) as pipeline:
-                pipeline.zrem(members, [waiter])
-                pipeline.zrem(deadlines, [waiter])
-
-        await self._call("leave_queue", call)
+        await self._script(_LEAVE_QUEUE, self._queue_keys(queue)[:2], [waiter], "leave_queue")
 
     async def queue_length(self, queue: str) -> int:
         """See :meth:`trioai.state.State.queue_length`."""
@@ -589,7 +650,17 @@ class RedisState:
         return [members, members + ":due", members + ":next"]
 
 
-async def _ping(client: coredis.Redis[str]) -> object:
+def _give_back(client: Client, connection: BaseConnection) -> None:
+    """Return a connection to ``client``'s pool (which closes it if it is not usable)."""
+    pool = client.connection_pool
+    if isinstance(pool, ClusterConnectionPool):
+        assert isinstance(connection, ClusterConnection)
+        pool.release(connection)
+    else:
+        pool.release(connection)
+
+
+async def _ping(client: Client) -> object:
     return await client.ping()
 
 
