@@ -150,7 +150,7 @@ async def main_async(args: argparse.Namespace) -> None:
                     await connection.create_request(b"PING")
 
             async def script_call() -> None:
-                await script(keys=["trioai:log{s}"], args=[30_000, 1000, next(seqs), "frame"])
+                await script(keys=["{trioai}:log:s"], args=[30_000, 1000, next(seqs), "frame"])
 
             async def append_many(logs: int, state: RedisState = state) -> None:
                 seq = next(seqs)

@@ -30,6 +30,12 @@ def free_port() -> int:
         return port
 
 
+async def redis_cli(binary: str, port: int, *args: str) -> str:
+    """``redis-cli`` (beside ``binary``, redis-server) against 127.0.0.1:``port``: the answer's text."""
+    cli = str(Path(binary).with_name("redis-cli"))
+    return (await trio.run_process([cli, "-p", str(port), *args], capture_stdout=True)).stdout.decode().strip()
+
+
 def log_tail(log: Path) -> str:
     """The last 2,000 characters of ``log`` (none if it was not written)."""
     return log.read_text(errors="replace")[-2000:] if log.exists() else ""
@@ -56,11 +62,12 @@ async def start_listening(nursery: trio.Nursery, command: list[str], port: int, 
 class RedisServer:
     """One redis-server process that a test can stop and start again on the same port."""
 
-    def __init__(self, nursery: trio.Nursery, directory: Path) -> None:
+    def __init__(self, nursery: trio.Nursery, directory: Path, *, replica_of: RedisServer | None = None) -> None:
         self.nursery = nursery
         self.directory = directory
         self.binary = redis_binary()
         self.port = free_port()
+        self.replica_of = replica_of  # a replica of that server's (``--replicaof``)
         self.process: trio.Process | None = None
 
     @property
@@ -78,7 +85,13 @@ class RedisServer:
         command = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
                    "--dir", str(self.directory), "--logfile", str(self.directory / "redis.log"),
                    "--unixsocket", str(self.directory / "redis.sock")]
+        if self.replica_of is not None:
+            command += ["--replicaof", "127.0.0.1", str(self.replica_of.port)]
         self.process = await start_listening(self.nursery, command, self.port, self.directory / "redis.log")
+
+    async def cli(self, *args: str) -> str:
+        """``redis-cli`` against it: the answer's text."""
+        return await redis_cli(self.binary, self.port, *args)
 
     async def stop(self) -> None:
         """Kill it (as a crash would) and wait until it is gone."""
@@ -93,11 +106,13 @@ class RedisSentinel:
     """A Redis Sentinel (Debian's redis-server in sentinel mode) on a free port, monitoring ``server``
     as the primary of the service ``service``."""
 
-    def __init__(self, nursery: trio.Nursery, directory: Path, server: RedisServer, service: str = "trioai") -> None:
+    def __init__(self, nursery: trio.Nursery, directory: Path, server: RedisServer, service: str = "trioai",
+                 *, down_after_ms: int = 30000) -> None:
         self.nursery = nursery
         self.directory = directory
         self.server = server
         self.service = service
+        self.down_after_ms = down_after_ms  # how long the primary may not answer before a failover
         self.port = free_port()
         self.process: trio.Process | None = None
 
@@ -111,9 +126,15 @@ class RedisSentinel:
         config = self.directory / "sentinel.conf"  # sentinel rewrites its config: its own file
         config.write_text(f"port {self.port}\nbind 127.0.0.1\ndir {self.directory}\n"
                           f"logfile {self.directory / 'sentinel.log'}\n"
-                          f"sentinel monitor {self.service} 127.0.0.1 {self.server.port} 1\n")
+                          f"sentinel monitor {self.service} 127.0.0.1 {self.server.port} 1\n"
+                          f"sentinel down-after-milliseconds {self.service} {self.down_after_ms}\n"
+                          f"sentinel failover-timeout {self.service} {max(1000, 2 * self.down_after_ms)}\n")
         command = [self.server.binary, str(config), "--sentinel"]
         self.process = await start_listening(self.nursery, command, self.port, self.directory / "sentinel.log")
+
+    async def cli(self, *args: str) -> str:
+        """``redis-cli`` against it: the answer's text."""
+        return await redis_cli(self.server.binary, self.port, *args)
 
 
 class RedisCluster:
@@ -157,13 +178,10 @@ class RedisCluster:
 
     async def key_counts(self) -> list[int]:
         """How many keys each node holds (``DBSIZE``), in the order of :attr:`ports`."""
-        cli = str(Path(self.binary).with_name("redis-cli"))
-        return [int((await trio.run_process([cli, "-p", str(port), "dbsize"], capture_stdout=True)).stdout)
-                for port in self.ports]
+        return [int(await self._cli(port, "dbsize")) for port in self.ports]
 
     async def _cli(self, port: int, *args: str) -> str:
-        cli = str(Path(self.binary).with_name("redis-cli"))
-        return (await trio.run_process([cli, "-p", str(port), *args], capture_stdout=True)).stdout.decode().strip()
+        return await redis_cli(self.binary, port, *args)
 
     async def slot_owner(self, key: str) -> int:
         """The port of the primary that the first node says holds ``key``'s hash slot."""

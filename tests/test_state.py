@@ -576,6 +576,37 @@ async def test_check_redis_through_a_sentinel(nursery: trio.Nursery, tmp_path: P
         await check_redis(f"redis+sentinel://127.0.0.1:{sentinel.port}/no-such-service", 2.0)
 
 
+async def test_a_sentinel_failover_is_followed(nursery: trio.Nursery, tmp_path: Path) -> None:
+    """The primary killed: calls fail (unavailable, at once after the first) while Sentinel promotes
+    the replica, then go to the new primary, which has what the old one had replicated."""
+    primary = RedisServer(nursery, tmp_path / "primary")
+    replica = RedisServer(nursery, tmp_path / "replica", replica_of=primary)
+    for server in (primary, replica):
+        server.directory.mkdir()
+        await server.start()
+    sentinel = RedisSentinel(nursery, tmp_path, primary, down_after_ms=300)
+    await sentinel.start()
+    state = await started_redis_state(nursery, sentinel.url, timeout=0.5, retry_interval=0.2)
+    await state.put_record("gen:a", "kept", 60)
+    with trio.fail_after(20):  # the replica has it, and Sentinel knows the replica (it asks every 10 s)
+        while "master_link_status:up" not in await replica.cli("info", "replication") or str(replica.port) not in (
+                await sentinel.cli("sentinel", "replicas", "trioai")):
+            await trio.sleep(0.1)
+    await primary.stop()
+    failures = state.failures
+    with trio.fail_after(30):
+        while True:
+            try:
+                assert await state.get_record("gen:a") == "kept"
+                break
+            except StateUnavailable:
+                await trio.sleep(0.1)
+    assert state.failures > failures  # it was down for a while, and came back on its own
+    assert "role:master" in await replica.cli("info", "replication")
+    await state.put_record("gen:b", "new", 60)
+    assert await replica.cli("get", "{trioai}:record:gen:b") == "new"
+
+
 def test_passwords_stay_out_of_messages() -> None:
     assert redact("redis://user:secret@host:6379/0") == "redis://user:***@host:6379/0"
     with pytest.raises(ConfigError) as info:
