@@ -385,7 +385,7 @@ async def main_async(args: argparse.Namespace) -> None:
     profiles: list[tuple[str, str]] = []
     binary = redis_binary(args.redis_server)
     async with (redis_server(binary, redis_cli(binary)) as redis, fake_engine() as unpaced,
-                fake_engine("--delay", "0.02") as slow):
+                fake_engine("--delay", "0.02", *(("--step",) if args.engine_step else ())) as slow):
         table_sides = sides(redis.url, args.gateway_code or CURRENT)
         for round_number in range(args.rounds):
             calm = await wait_quiet(args.quiet_below, args.quiet_for, args.quiet_cap)
@@ -415,7 +415,8 @@ async def main_async(args: argparse.Namespace) -> None:
     print(f"### Redis-backed resume: {rounds} round(s), {date.today().isoformat()}, python {sys.version.split()[0]}, "
           f"trio {trio.__version__}, {os.cpu_count()} CPUs, gateway code: {args.code_label}\n")
     for label, (streams, tokens) in zip(paced_labels, loads, strict=True):
-        print("\n".join(table(label, f"{label}: {streams} streams × {tokens} tokens at once, engine at 20 ms/token",
+        pacing = "20 ms/token, every stream on one clock (--engine-step)" if args.engine_step else "20 ms/token"
+        print("\n".join(table(label, f"{label}: {streams} streams × {tokens} tokens at once, engine at {pacing}",
                               figures)), end="\n\n")
     print("\n".join(table(through, f"{through}: unpaced engine, {args.connections} connections × "
                                    f"{args.throughput_tokens}-token generations back to back for {args.duration:g} s",
@@ -444,6 +445,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="rounds; each figure is the median")
     parser.add_argument("--loads", default="4x50,16x50,64x50,16x200",
                         help="paced loads, STREAMSxTOKENS comma-separated (default: 4x50,16x50,64x50,16x200)")
+    parser.add_argument("--engine-step", action="store_true",
+                        help="the paced engine steps every stream on one 20 ms clock, as vLLM's continuous batching "
+                             "does (default: each stream 20 ms after its previous token)")
     parser.add_argument("--connections", type=int, default=16, help="connections of the throughput run")
     parser.add_argument("--throughput-tokens", type=int, default=256, help="tokens per generation, throughput run")
     parser.add_argument("--duration", type=float, default=3.0, help="seconds of the throughput run")

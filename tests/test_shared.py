@@ -383,3 +383,54 @@ async def test_every_frame_a_client_gets_is_in_the_shared_log_first(pair: tuple[
         assert session.outbox.direct is not None  # no shared generation attached: the fast path again
     assert all(logged_when_received) and len(logged_when_received) == len(received["kept"])
     assert text_of(received["plain"]) == numbered(0, 20) and text_of(received["kept"]) == numbered(0, 20)
+
+
+class CountingState(LocalState):
+    """In-process state that notes when each ``append_many`` call (a Redis round trip) came, and what it carried."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[float, int]] = []  # (time, logs in the call)
+
+    async def append_many(self, appends: Any, *, ttl: float, maxlen: int) -> list[bool]:
+        self.calls.append((trio.current_time(), len(appends)))
+        return await super().append_many(appends, ttl=ttl, maxlen=maxlen)
+
+
+@pytest.mark.parametrize(("gather", "second_after", "calls"), [
+    (0.001, 0.0005, [(0.0005, 2)]),  # the second stream's frame comes within the window: one round trip
+    (0.001, 0.005, [(0.001, 1), (0.006, 1)]),  # it does not: the window passes; its own waits one too
+    (0.0, 0.0005, [(0.0, 1), (0.0005, 1)]),  # no window: each goes at once
+])
+async def test_the_flusher_gathers_the_frames_of_the_instances_streams(
+        nursery: trio.Nursery, autojump_clock: trio.testing.MockClock,
+        gather: float, second_after: float, calls: list[tuple[float, int]]) -> None:
+    state = CountingState()
+    shared = SharedGenerations(state, Settings(upstream="http://127.0.0.1:9/v1", shared_log_gather=gather))
+    await nursery.start(shared.run)
+    first, second = (cast(Generation, SimpleNamespace(token=name)) for name in ("a", "b"))
+    for generation in (first, second):
+        shared.owned[generation_key(cast(str, generation.token))] = generation
+    start = trio.current_time()
+
+    async def later() -> None:
+        await trio.sleep(second_after)
+        assert await shared.append(second, tokens(1, 1))
+
+    nursery.start_soon(later)
+    assert await shared.append(first, tokens(1, 1))
+    with trio.fail_after(1):
+        while len(state.calls) < len(calls):
+            await trio.sleep(0.0001)
+    assert [(round(when - start, 6), logs) for when, logs in state.calls] == calls
+
+
+async def test_one_stream_alone_is_never_held(nursery: trio.Nursery, autojump_clock: trio.testing.MockClock) -> None:
+    state = CountingState()
+    shared = SharedGenerations(state, Settings(upstream="http://127.0.0.1:9/v1", shared_log_gather=0.01))
+    await nursery.start(shared.run)
+    generation = cast(Generation, SimpleNamespace(token="a"))
+    shared.owned[generation_key("a")] = generation
+    start = trio.current_time()
+    assert await shared.append(generation, tokens(1, 2))
+    assert state.calls == [(start, 1)]

@@ -241,7 +241,8 @@ class Settings:
     redis: str | None = _setting(
         None, "redis://, rediss:// or unix:// URL of the Redis (or Valkey) that instances share state through, or "
         "redis+sentinel://host:port[,host:port...]/service[/db] to follow the primary Sentinel names, or "
-        "redis+cluster://host:port[,host:port...] for a Redis Cluster (unset: each process keeps its own)", check=_check_not_empty
+        "redis+cluster://host:port[,host:port...] for a Redis Cluster (unset: each process keeps its own)",
+        check=_check_not_empty
     )
     #: ``[[engines]]`` tables of the config file (not an option or variable: see :mod:`trioai.enginespec`).
     engines: tuple[EngineSpec, ...] = field(default=(), metadata={"help": "", "file_only": True})
@@ -249,6 +250,12 @@ class Settings:
         5.0, "with --redis: seconds an instance holds a generation (or a capacity slot) without renewing it; "
         "after an instance dies, its generations are continued and its slots freed within this time",
         minimum=0.5, maximum=600.0
+    )
+    shared_log_gather: float = _setting(
+        0.001, "with --redis: seconds the shared log's flusher waits at most, before a Redis round trip, for "
+        "frames of this instance's other shared generations (it goes at once when each has one): streams an "
+        "engine steps together share one round trip; 0: never waits",
+        minimum=0.0, maximum=0.05
     )
     log_level: str = _setting("info", "debug, info, warning or error")
     log_format: str = _setting("text", "text (one line per event) or json (one object per line, for log shippers)")

@@ -18,6 +18,7 @@ import argparse
 import contextlib
 import itertools
 import json
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -81,7 +82,10 @@ class Script:
 
     The stream is ``tokens`` (one content delta each) then ``deltas`` (a bare :class:`ToolDelta`
     is a delta with that one tool-call fragment); ``stall_after``, ``drop_after``,
-    ``stream_error_after``, ``delay`` and ``batch`` count over both. Reasoning goes out as
+    ``stream_error_after``, ``delay`` and ``batch`` count over both. With ``step`` the tokens after
+    the first leave on a clock all requests share (each at the next multiple of ``delay``), as an
+    engine that steps all its running sequences together (vLLM's continuous batching), rather than
+    ``delay`` after the request's previous token. Reasoning goes out as
     ``delta.reasoning`` (vLLM 0.32) or, with ``reasoning_field="reasoning_content"``, as older vLLM
     and llama.cpp name it. A tool-calling script sets ``finish_reason="tool_calls"`` itself.
     """
@@ -91,6 +95,7 @@ class Script:
     reasoning_field: Literal["reasoning", "reasoning_content"] = "reasoning"
     first_delay: float = 0.0
     delay: float = 0.0
+    step: bool = False
     finish_reason: str = "stop"
     status: int = 200
     error_message: str = "fake upstream error"
@@ -418,7 +423,10 @@ class FakeUpstream:
                 return
             if index and script.delay:
                 await self._flush(stream, conn, pending)
-                await trio.sleep(script.delay)
+                if script.step:
+                    await trio.sleep_until((math.floor(trio.current_time() / script.delay) + 1) * script.delay)
+                else:
+                    await trio.sleep(script.delay)
             if script.keepalive_comments:
                 pending.append(b": keep-alive\n\n")
             if index < count and top is None:
@@ -545,13 +553,15 @@ def main() -> None:
     parser.add_argument("--numbered", action="store_true", help="w0 , w1 , ... instead of --token-text")
     parser.add_argument("--delay", type=float, default=0.0, help="seconds between tokens")
     parser.add_argument("--batch", type=int, default=16, help="chunks per write when --delay is 0")
+    parser.add_argument("--step", action="store_true",
+                        help="tokens leave every --delay on one clock for all requests, as an engine's steps do")
     args = parser.parse_args()
 
     def script(body: dict[str, Any]) -> Script:
         count = body.get("max_tokens") or args.tokens
         start = len(continued_text(body).split())
         tokens = tuple(f"w{i} " for i in range(start, start + count)) if args.numbered else (args.token_text,) * count
-        return Script(tokens=tokens, delay=args.delay, batch=args.batch, finish_reason="length")
+        return Script(tokens=tokens, delay=args.delay, step=args.step, batch=args.batch, finish_reason="length")
 
     async def run() -> None:
         fake = FakeUpstream(script)

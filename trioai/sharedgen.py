@@ -186,6 +186,7 @@ class SharedGenerations:
         self.appended: dict[str, int] = {}  # by generation key: the last seq appended (running ones)
         self._batch = _Batch()  # the appends the next round trip carries
         self._wake = trio.Event()  # set when that batch has something
+        self._covered = trio.Event()  # set when it has frames of every generation this instance runs
         self.on_append = on_append  # told of each (a metric)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -238,6 +239,8 @@ class SharedGenerations:
         batch = self._batch
         batch.appends.setdefault(key, []).extend(entries)
         self._wake.set()
+        if len(batch.appends) >= len(self.owned):
+            self._covered.set()  # every generation has frames in it: a gathering flush need not wait
         await batch.done.wait()  # the flusher's round trip carries it with every other pending frame
         if batch.failed:
             return True  # sent anyway: the client must not wait for Redis
@@ -251,9 +254,11 @@ class SharedGenerations:
 
     async def _flush(self) -> None:
         """Send every pending append of every connection and relay in one round trip, again and again:
-        while one is in flight the next batch gathers (one task, so appends keep their order)."""
+        while one is in flight the next batch gathers, and before it goes it may wait a moment for
+        the other generations' frames (:meth:`_gather`); one task, so appends keep their order."""
         while True:
             await self._wake.wait()
+            await self._gather()
             self._wake = trio.Event()
             batch, self._batch = self._batch, _Batch()
             # What an earlier flush logged is not sent again: a relay replays the frames a lost
@@ -283,6 +288,19 @@ class SharedGenerations:
                 batch.failed = True
             finally:
                 batch.done.set()
+
+    async def _gather(self) -> None:
+        """Wait, ``--shared-log-gather`` at most, until every generation this instance runs has frames
+        in the batch. An engine steps its running sequences together (vLLM's continuous batching),
+        so their deltas arrive within a moment of each other; without the wait the first one's
+        round trip would go alone and the rest take a second one. A round trip costs the gateway
+        hundreds of µs of CPU (docs/benchmarks.md); the wait costs each frame at most the window."""
+        window = self.settings.shared_log_gather
+        if window <= 0 or len(self.owned) < 2 or len(self._batch.appends) >= len(self.owned):
+            return
+        self._covered = trio.Event()
+        with trio.move_on_after(window):
+            await self._covered.wait()
 
     async def _heartbeat(self) -> None:
         interval = self.lease / 3
