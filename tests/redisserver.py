@@ -138,15 +138,19 @@ class RedisSentinel:
 
 
 class RedisCluster:
-    """A Redis Cluster of ``size`` primaries (Debian's redis-server in cluster mode, each on a free
-    port in its own directory, no replicas), its slots assigned by ``redis-cli --cluster create``."""
+    """A Redis Cluster of ``size`` primaries with ``replicas`` replicas each (Debian's redis-server in
+    cluster mode, each node on a free port in its own directory), its slots assigned by ``redis-cli
+    --cluster create``; a primary not heard from for ``node_timeout_ms`` is failed over."""
 
-    def __init__(self, nursery: trio.Nursery, directory: Path, size: int = 3) -> None:
+    def __init__(self, nursery: trio.Nursery, directory: Path, size: int = 3, *, replicas: int = 0,
+                 node_timeout_ms: int = 15000) -> None:
         self.nursery = nursery
         self.directory = directory
         self.binary = redis_binary()
-        self.ports = [free_port() for _ in range(size)]
-        self.bus_ports = [free_port() for _ in range(size)]  # the nodes' gossip (else port + 10000)
+        self.replicas = replicas
+        self.node_timeout_ms = node_timeout_ms
+        self.ports = [free_port() for _ in range(size * (1 + replicas))]
+        self.bus_ports = [free_port() for _ in self.ports]  # the nodes' gossip (else port + 10000)
         self.processes: list[trio.Process] = []
 
     @property
@@ -161,20 +165,30 @@ class RedisCluster:
             home.mkdir()
             command = [self.binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
                        "--cluster-enabled", "yes", "--cluster-port", str(bus_port),
+                       "--cluster-node-timeout", str(self.node_timeout_ms), "--repl-diskless-sync-delay", "0",
                        "--cluster-config-file", str(home / "nodes.conf"),
                        "--dir", str(home), "--logfile", str(home / "redis.log")]
             self.processes.append(await start_listening(self.nursery, command, port, home / "redis.log"))
         cli = str(Path(self.binary).with_name("redis-cli"))
         with trio.fail_after(20):
             created = await trio.run_process(
-                [cli, "--cluster", "create", *(f"127.0.0.1:{port}" for port in self.ports), "--cluster-replicas", "0",
-                 "--cluster-yes"], capture_stdout=True, capture_stderr=True, check=False)
+                [cli, "--cluster", "create", *(f"127.0.0.1:{port}" for port in self.ports),
+                 "--cluster-replicas", str(self.replicas), "--cluster-yes"],
+                capture_stdout=True, capture_stderr=True, check=False)
             if created.returncode != 0:
                 pytest.fail(f"redis-cli --cluster create failed:\n{(created.stdout + created.stderr).decode()[-2000:]}")
             for port in self.ports:
                 while b"cluster_state:ok" not in (await trio.run_process(
                         [cli, "-p", str(port), "cluster", "info"], capture_stdout=True, check=False)).stdout:
                     await trio.sleep(0.05)
+                # A replica that has not synced once is never promoted: wait for its link.
+                while "role:slave" in (info := await self._cli(port, "info", "replication")) and (
+                        "master_link_status:up" not in info):
+                    await trio.sleep(0.05)
+
+    def kill(self, port: int) -> None:
+        """SIGKILL the node on ``port`` (a host lost)."""
+        self.processes[self.ports.index(port)].kill()
 
     async def key_counts(self) -> list[int]:
         """How many keys each node holds (``DBSIZE``), in the order of :attr:`ports`."""

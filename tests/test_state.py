@@ -567,6 +567,29 @@ async def test_on_a_cluster_a_moved_slot_is_followed(nursery: trio.Nursery, tmp_
     assert counts[target] == 1 and counts[owner] == 0
 
 
+async def test_on_a_cluster_a_failover_is_followed(nursery: trio.Nursery, tmp_path: Path) -> None:
+    """The primary holding the keys' slot killed: calls fail (unavailable) until the Cluster
+    promotes its replica, then go to the new primary, which has what was replicated."""
+    cluster = RedisCluster(nursery, tmp_path, replicas=1, node_timeout_ms=500)
+    await cluster.start()
+    state = await started_redis_state(nursery, cluster.url, timeout=0.5, retry_interval=0.2)
+    await state.put_record("gen:a", "kept", 60)
+    owner = await cluster.slot_owner("{trioai}")
+    await trio.sleep(0.5)  # the replica has it (replication is asynchronous)
+    cluster.kill(owner)
+    failures = state.failures
+    with trio.fail_after(30):
+        while True:
+            try:
+                assert await state.get_record("gen:a") == "kept"
+                break
+            except StateUnavailable:
+                await trio.sleep(0.2)
+    assert state.failures > failures
+    survivors = [port for port in cluster.ports if port != owner]
+    assert await cluster._slot_owner_seen_by(survivors[0], 595) not in (owner, None)
+
+
 async def test_check_redis_through_a_sentinel(nursery: trio.Nursery, tmp_path: Path,
                                               redis_server: RedisServer) -> None:
     sentinel = RedisSentinel(nursery, tmp_path, redis_server)

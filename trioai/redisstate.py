@@ -5,8 +5,8 @@ one Lua script, so it is atomic, and uses Redis's clock (``TIME``), so instances
 the time. The scripts (``EVALSHA``) and the plain reads and writes (``GET``, ``SET``, ``ZREM``) go
 as requests on one connection taken from coredis's pool and kept (``BaseConnection.create_request``);
 coredis's per-command path (a pool lease, a command object, telemetry and retry hooks: ~240 µs of CPU
-per script call against ~130 µs, ``bench.redisfloor``) is left to the blocking read, ``PING`` and a
-transaction. Every log a flush appends to goes in one script call (``append_many``).
+per script call against ~130 µs, ``bench.redisfloor``) is left to the blocking reads and ``PING``.
+Every log a flush appends to goes in one script call (``append_many``).
 
 Every key starts with the prefix as a Cluster hash tag (``{trioai}:log:…``), so on a Redis Cluster
 (``redis+cluster://``) all of one deployment's keys are in one hash slot, on one primary: a flush's
@@ -458,7 +458,7 @@ class RedisState:
         except (trio.TooSlowError, coredis.exceptions.RedisError, OSError, anyio.ClosedResourceError,
                 anyio.BrokenResourceError) as exc:
             # The last two: the client's connection closed under the call (it is being reopened).
-            if isinstance(exc, coredis.exceptions.RedisClusterError):
+            if isinstance(client, coredis.RedisCluster):
                 self._redirected(client, exc)
             self._went_down(what, exc)
             raise StateUnavailable(f"redis at {redact(self.url)} unavailable: {exc!r}") from exc
@@ -472,9 +472,11 @@ class RedisState:
             self._logged_down = True
         self.available = False
 
-    def _redirected(self, client: Client, exc: coredis.exceptions.RedisClusterError) -> None:
-        """A Cluster answered that the keys' slot is elsewhere (moved, failed over) or down: the held
-        connection goes, and coredis refreshes its map of the cluster before the next call."""
+    def _redirected(self, client: Client, exc: Exception) -> None:
+        """A call to a Cluster failed: the slot is elsewhere (``MOVED``: resharded), its primary is
+        down or failed over, or the connection broke. The held connection goes, and coredis hears of
+        the error (calls on the held connection bypass its own routing), so that it refreshes its
+        map of the cluster before the next call asks it for the slot's primary."""
         connection, self._connection = self._connection, None
         if connection is not None:
             _give_back(client, connection)
