@@ -197,10 +197,12 @@ class RedisCluster:
     async def _cli(self, port: int, *args: str) -> str:
         return await redis_cli(self.binary, port, *args)
 
-    async def slot_owner(self, key: str) -> int:
-        """The port of the primary that the first node says holds ``key``'s hash slot."""
-        slot = int(await self._cli(self.ports[0], "cluster", "keyslot", key))
-        owner = await self._slot_owner_seen_by(self.ports[0], slot)
+    async def slot_owner(self, key: str, seen_by: int | None = None) -> int:
+        """The port of the primary that the node on ``seen_by`` (the first node) says holds ``key``'s
+        hash slot."""
+        node = seen_by or self.ports[0]
+        slot = int(await self._cli(node, "cluster", "keyslot", key))
+        owner = await self._slot_owner_seen_by(node, slot)
         assert owner is not None, f"no node holds slot {slot}"
         return owner
 

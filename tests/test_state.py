@@ -11,6 +11,7 @@ import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 import trio
@@ -523,6 +524,19 @@ async def test_check_redis_of_a_cluster(nursery: trio.Nursery, tmp_path: Path, r
         await check_redis(f"redis+cluster://127.0.0.1:{redis_server.port}", 2.0)
 
 
+T = TypeVar("T")
+
+
+async def once_available(call: Callable[[], Awaitable[T]], seconds: float = 30.0) -> T:
+    """``call()``'s answer once the state is available again (it raises StateUnavailable until then)."""
+    with trio.fail_after(seconds):
+        while True:
+            try:
+                return await call()
+            except StateUnavailable:
+                await trio.sleep(0.2)
+
+
 async def test_on_a_cluster_every_key_is_on_one_primary(nursery: trio.Nursery, tmp_path: Path) -> None:
     """Logs of several generations, leases, records, buckets, slots and a queue: all in the
     prefix's one hash slot (scripts over several of them run at all only so), so one node holds them."""
@@ -555,14 +569,7 @@ async def test_on_a_cluster_a_moved_slot_is_followed(nursery: trio.Nursery, tmp_
     await cluster.give_slot("{trioai}", target)
     with pytest.raises(StateUnavailable):
         await state.acquire_lease("gen:b", "me", 60)
-    await trio.sleep(0.3)
-    with trio.fail_after(10):
-        while True:
-            try:
-                assert await state.acquire_lease("gen:b", "me", 60)
-                break
-            except StateUnavailable:
-                await trio.sleep(0.3)
+    assert await once_available(lambda: state.acquire_lease("gen:b", "me", 60), seconds=10)
     counts = dict(zip(cluster.ports, await cluster.key_counts(), strict=True))
     assert counts[target] == 1 and counts[owner] == 0
 
@@ -578,16 +585,10 @@ async def test_on_a_cluster_a_failover_is_followed(nursery: trio.Nursery, tmp_pa
     await trio.sleep(0.5)  # the replica has it (replication is asynchronous)
     cluster.kill(owner)
     failures = state.failures
-    with trio.fail_after(30):
-        while True:
-            try:
-                assert await state.get_record("gen:a") == "kept"
-                break
-            except StateUnavailable:
-                await trio.sleep(0.2)
+    assert await once_available(lambda: state.get_record("gen:a")) == "kept"
     assert state.failures > failures
-    survivors = [port for port in cluster.ports if port != owner]
-    assert await cluster._slot_owner_seen_by(survivors[0], 595) not in (owner, None)
+    survivor = next(port for port in cluster.ports if port != owner)
+    assert await cluster.slot_owner("{trioai}", seen_by=survivor) != owner
 
 
 async def test_check_redis_through_a_sentinel(nursery: trio.Nursery, tmp_path: Path,
@@ -617,13 +618,7 @@ async def test_a_sentinel_failover_is_followed(nursery: trio.Nursery, tmp_path: 
             await trio.sleep(0.1)
     await primary.stop()
     failures = state.failures
-    with trio.fail_after(30):
-        while True:
-            try:
-                assert await state.get_record("gen:a") == "kept"
-                break
-            except StateUnavailable:
-                await trio.sleep(0.1)
+    assert await once_available(lambda: state.get_record("gen:a")) == "kept"
     assert state.failures > failures  # it was down for a while, and came back on its own
     assert "role:master" in await replica.cli("info", "replication")
     await state.put_record("gen:b", "new", 60)
