@@ -470,8 +470,9 @@ async def _connect_tcp(host: bytes, port: int, *, wait: bool = True) -> tuple[tr
 def _start_connect(family: int, host: bytes, port: int) -> tuple[trio.socket.SocketType, bool]:
     """A TCP connect to the IP address ``host`` started (``TCP_NODELAY`` set), and whether it may
     still be completing (see :func:`_connect_tcp`); ``OSError`` when it failed at once."""
-    raw = stdlib_socket.socket(family, stdlib_socket.SOCK_STREAM | stdlib_socket.SOCK_NONBLOCK)
+    raw = stdlib_socket.socket(family, stdlib_socket.SOCK_STREAM)
     try:
+        raw.setblocking(False)
         raw.setsockopt(stdlib_socket.IPPROTO_TCP, stdlib_socket.TCP_NODELAY, True)
         address = (host.decode("ascii"), port)
         code = raw.connect_ex(address)
