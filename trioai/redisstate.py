@@ -12,9 +12,9 @@ Every key starts with the prefix as a Cluster hash tag (``{trioai}:log:…``), s
 (``redis+cluster://``) all of one deployment's keys are in one hash slot, on one primary: a flush's
 append names many logs, a rate-limit take several buckets and a slot acquire a queue too, and a
 Cluster runs a script only over keys of one slot. The held connection (below) is then one to the
-primary that owns the slot; a redirect (the slot moved, a failover) drops it and refreshes coredis's
-map of the cluster. A Cluster thus gives this state its failover but no sharding (docs/deploy.md says
-what one primary carries).
+primary that owns the slot; a failed call (the slot moved, a failover, a broken connection) drops
+it and tells coredis, whose map of the cluster is then refreshed. A Cluster thus gives this state
+its failover but no sharding (docs/deploy.md says what one primary carries).
 
 Event logs are Redis Streams: the entry of ``seq`` N has the id ``N-0`` and its frame in field
 ``f``; ``XADD … MAXLEN ~`` bounds them and each append sets the expiry; ``XREAD BLOCK`` follows.
