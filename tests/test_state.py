@@ -166,6 +166,22 @@ async def test_the_lease_of_a_dead_owner_expires(backend: Backend) -> None:
     assert await state.lease_owner("gen1") == "B"
 
 
+async def test_a_claim_takes_the_lease_and_stores_the_record_or_changes_nothing(backend: Backend) -> None:
+    state = backend.state
+    assert await state.claim("gen:c", "A", "record of A", lease_ttl=TTL, record_ttl=30)
+    assert (await state.lease_owner("gen:c"), await state.get_record("gen:c")) == ("A", "record of A")
+    assert not await state.claim("gen:c", "B", "record of B", lease_ttl=30, record_ttl=30)  # A holds it
+    assert (await state.lease_owner("gen:c"), await state.get_record("gen:c")) == ("A", "record of A")
+    assert await state.claim("gen:c", "A", "again", lease_ttl=30, record_ttl=30)  # its owner may again
+    assert await state.get_record("gen:c") == "again"
+    await backend.advance(ADVANCE)
+    assert await state.lease_owner("gen:c") == "A"  # the lease was renewed to 30 s by the second claim
+    assert await state.claim("gen:d", "B", "record of B", lease_ttl=TTL, record_ttl=TTL)
+    await backend.advance(ADVANCE)
+    assert (await state.lease_owner("gen:d"), await state.get_record("gen:d")) == (None, None)  # both expired
+    assert await state.claim("gen:d", "C", "record of C", lease_ttl=30, record_ttl=30)  # free again
+
+
 async def test_records_hold_a_value_until_they_expire(backend: Backend) -> None:
     state = backend.state
     assert await state.get_record("gen:1") is None

@@ -124,6 +124,15 @@ end
 return tostring(wait)
 """)
 
+# KEYS: lease, record. ARGV: owner, lease ttl_ms, value, record ttl_ms.
+_CLAIM: Final = _Script("""
+local cur = redis.call('GET', KEYS[1])
+if cur and cur ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+redis.call('SET', KEYS[2], ARGV[3], 'PX', ARGV[4])
+return 1
+""")
+
 # KEYS[1]: lease. ARGV: owner, ttl_ms.
 _ACQUIRE_LEASE: Final = _Script("""
 local cur = redis.call('GET', KEYS[1])
@@ -569,6 +578,12 @@ class RedisState:
         """See :meth:`trioai.state.State.get_record`."""
         value = await self._request("get_record", b"GET", self._key("record", key))
         return None if value is None else str(value)
+
+
+    async def claim(self, key: str, owner: str, value: str, *, lease_ttl: float, record_ttl: float) -> bool:
+        """See :meth:`trioai.state.State.claim`: one script call."""
+        return await self._script(_CLAIM, [self._key("lease", key), self._key("record", key)],
+                                  [owner, _ms(lease_ttl), value, _ms(record_ttl)], "claim") == 1
 
     async def append(self, log: str, entries: Sequence[LogEntry], *, ttl: float, maxlen: int) -> bool:
         """See :meth:`trioai.state.State.append`."""

@@ -27,7 +27,6 @@ Task tree (the service's nursery is opened by ``serve``)::
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import hashlib
 import json
@@ -206,9 +205,9 @@ class SharedGenerations:
         assert generation.token is not None
         key = generation_key(generation.token)
         text = record.to_json()
-        try:
-            await self.state.put_record(f"gen:{key}", text, self.log_ttl)
-            if not await self.state.acquire_lease(f"gen:{key}", self.instance, self.lease):
+        try:  # one round trip: record and lease (issue 18's round trips per generation)
+            if not await self.state.claim(f"gen:{key}", self.instance, text, lease_ttl=self.lease,
+                                          record_ttl=self.log_ttl):
                 return False  # a token collision (2^-192) or a replayed registration: not ours
         except StateUnavailable:
             return False  # the state logs that it is away: this generation stays local
@@ -246,10 +245,10 @@ class SharedGenerations:
             return True  # sent anyway: the client must not wait for Redis
         added = batch.results.get(key, True)
         if added and is_terminal(entries[-1][1]) and self.owned.pop(key, None) is not None:
-            # Its whole story is in the log: nobody needs to continue it, the lease can go.
+            # Its whole story is in the log: nobody needs to continue it. Its lease is no longer
+            # renewed and runs out by itself; releasing it would cost a round trip per generation,
+            # and the terminal frame would wait for it.
             self._records.pop(key, None)
-            with trio.move_on_after(self.lease), contextlib.suppress(StateUnavailable):
-                await self.state.release_lease(f"gen:{key}", self.instance)  # else it runs out by itself
         return added
 
     async def _flush(self) -> None:

@@ -106,6 +106,11 @@ class State(Protocol):
         """The value stored under ``key``, if it has not expired."""
         ...
 
+    async def claim(self, key: str, owner: str, value: str, *, lease_ttl: float, record_ttl: float) -> bool:
+        """:meth:`acquire_lease` and, if ``owner`` holds ``key`` now, :meth:`put_record` of ``value``:
+        one atomic step (False: another owner holds it, and nothing changed)."""
+        ...
+
     async def append(self, log: str, entries: Sequence[LogEntry], *, ttl: float, maxlen: int) -> bool:
         """Add ``entries`` (increasing ``seq``, else ValueError) to ``log``, which keeps about its last
         ``maxlen`` entries and expires ``ttl`` s after its last append (also renewed by no entries).
@@ -313,6 +318,13 @@ class LocalState:
         if record is None or record[1] <= self.clock():
             return None
         return record[0]
+
+    async def claim(self, key: str, owner: str, value: str, *, lease_ttl: float, record_ttl: float) -> bool:
+        """See :meth:`State.claim` (no checkpoint in between: atomic)."""
+        if not await self.acquire_lease(key, owner, lease_ttl):
+            return False
+        await self.put_record(key, value, record_ttl)
+        return True
 
     async def append(self, log: str, entries: Sequence[LogEntry], *, ttl: float, maxlen: int) -> bool:
         """See :meth:`State.append`."""
