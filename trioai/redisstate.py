@@ -144,16 +144,11 @@ _RENEW_LEASE: Final = _Script("""
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
 return 0
 """)
-_RELEASE_LEASE: Final = _Script("""
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
-""")
 
 # KEYS: streams (every log of a flush: one call, not one per log). ARGV: ttl_ms, maxlen, then per stream
 # its entry count N and N seq, frame pairs. One flag per stream: 1 appended (and its expiry renewed),
 # 0 nothing added (it holds a seq at or past the first one: another writer got there first).
-# Standalone Redis and Sentinel take any keys in one call; a Cluster backend (RedisCluster) would send
-# one call per hash slot of a flush (every log name is in a hash tag, so a log's keys share a slot).
+# On a Cluster too: every key is in the prefix's one hash slot (see the module docstring).
 _APPEND: Final = _Script("""
 local ttl, maxlen, at, added = ARGV[1], ARGV[2], 3, {}
 for i, key in ipairs(KEYS) do
@@ -560,10 +555,6 @@ class RedisState:
     async def renew_lease(self, key: str, owner: str, ttl: float) -> bool:
         """See :meth:`trioai.state.State.renew_lease`."""
         return await self._script(_RENEW_LEASE, [self._key("lease", key)], [owner, _ms(ttl)]) == 1
-
-    async def release_lease(self, key: str, owner: str) -> bool:
-        """See :meth:`trioai.state.State.release_lease`."""
-        return await self._script(_RELEASE_LEASE, [self._key("lease", key)], [owner]) == 1
 
     async def lease_owner(self, key: str) -> str | None:
         """See :meth:`trioai.state.State.lease_owner`."""

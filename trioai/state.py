@@ -90,10 +90,6 @@ class State(Protocol):
         """Extend ``owner``'s lease to ``ttl`` s from now; False if it no longer holds it."""
         ...
 
-    async def release_lease(self, key: str, owner: str) -> bool:
-        """Give ``key`` up if ``owner`` holds it (True if it did)."""
-        ...
-
     async def lease_owner(self, key: str) -> str | None:
         """The owner holding ``key`` now, if any."""
         ...
@@ -289,14 +285,6 @@ class LocalState:
             return False
         self._leases[key] = (owner, now + ttl)
         return True
-
-    async def release_lease(self, key: str, owner: str) -> bool:
-        """See :meth:`State.release_lease`."""
-        held = self._leases.get(key)
-        if held is None or held[0] != owner:
-            return False
-        del self._leases[key]
-        return held[1] > self.clock()
 
     async def lease_owner(self, key: str) -> str | None:
         """See :meth:`State.lease_owner`."""
