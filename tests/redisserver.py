@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import shutil
 import socket
-import subprocess
-from functools import partial
 from pathlib import Path
 
 import pytest
 import trio
+
+from .processes import start_listening
 
 
 def redis_binary() -> str:
@@ -34,29 +34,6 @@ async def redis_cli(binary: str, port: int, *args: str) -> str:
     """``redis-cli`` (beside ``binary``, redis-server) against 127.0.0.1:``port``: the answer's text."""
     cli = str(Path(binary).with_name("redis-cli"))
     return (await trio.run_process([cli, "-p", str(port), *args], capture_stdout=True)).stdout.decode().strip()
-
-
-def log_tail(log: Path) -> str:
-    """The last 2,000 characters of ``log`` (none if it was not written)."""
-    return log.read_text(errors="replace")[-2000:] if log.exists() else ""
-
-
-async def start_listening(nursery: trio.Nursery, command: list[str], port: int, log: Path) -> trio.Process:
-    """Run ``command`` in ``nursery`` and wait until it accepts connections on ``port`` of 127.0.0.1
-    (10 s at most); if it exits first, fail the test with the end of its ``log``."""
-    process: trio.Process = await nursery.start(partial(trio.run_process, command, check=False,
-                                                        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL))
-    with trio.fail_after(10):
-        while True:
-            if process.returncode is not None:
-                pytest.fail(f"{command[0]} exited with {process.returncode}:\n{log_tail(log)}")
-            try:
-                stream = await trio.open_tcp_stream("127.0.0.1", port)
-            except OSError:
-                await trio.sleep(0.02)
-                continue
-            await stream.aclose()
-            return process
 
 
 class RedisServer:
@@ -178,8 +155,7 @@ class RedisCluster:
             if created.returncode != 0:
                 pytest.fail(f"redis-cli --cluster create failed:\n{(created.stdout + created.stderr).decode()[-2000:]}")
             for port in self.ports:
-                while b"cluster_state:ok" not in (await trio.run_process(
-                        [cli, "-p", str(port), "cluster", "info"], capture_stdout=True, check=False)).stdout:
+                while "cluster_state:ok" not in await self._cli(port, "cluster", "info"):
                     await trio.sleep(0.05)
                 # A replica that has not synced once is never promoted: wait for its link.
                 while "role:slave" in (info := await self._cli(port, "info", "replication")) and (

@@ -11,11 +11,9 @@ from __future__ import annotations
 import re
 import shutil
 import socket
-import subprocess
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +26,7 @@ from trioai.server import RunningServer
 
 from .conftest import StartGateway
 from .helpers import chat, collect_until_terminal, recv, send
+from .processes import start_listening
 
 SHIPPED = Path(__file__).resolve().parent.parent / "deploy" / "nginx" / "trioai.conf"
 READ_TIMEOUT = 1.0
@@ -94,17 +93,8 @@ http {{
     check = await trio.run_process([binary, "-t", "-p", str(tmp), "-c", str(tmp / "nginx.conf")],
                                    capture_stderr=True, check=False)
     assert check.returncode == 0, check.stderr.decode()
-    await nursery.start(partial(trio.run_process, [binary, "-p", str(tmp), "-c", str(tmp / "nginx.conf")],
-                                stdin=subprocess.DEVNULL, check=False))
-    with trio.fail_after(10):
-        while True:
-            try:
-                stream = await trio.open_tcp_stream("127.0.0.1", listen)
-            except OSError:
-                await trio.sleep(0.02)
-                continue
-            await stream.aclose()
-            return
+    await start_listening(nursery, [binary, "-p", str(tmp), "-c", str(tmp / "nginx.conf")], listen,
+                          tmp / "error.log")
 
 
 @pytest.fixture
