@@ -167,7 +167,10 @@ async def test_both_workers_take_connections_and_one_killed_costs_only_its_own(s
         for pid, conns in held.items():  # each worker's own /metrics counts the connections it was seen taking
             assert await open_connections(http[str(pid)]) == len(conns)
         victim, survivor = sorted(first)
-        for i, ws in enumerate(held[survivor]):
+        # Two streams, not one per connection: the port's hash may hand one worker more than its
+        # share of connections (8 of --max-concurrency 16 each), and a ninth would wait in the queue.
+        streaming = held[survivor][:2]
+        for i, ws in enumerate(streaming):
             await send(ws, chat("x", max_tokens=60, id=f"s{i}"))  # 60 tokens at 20 ms: ~1.2 s
             assert (await recv(ws))["type"] == "start"
             assert (await recv(ws))["type"] == "token"
@@ -175,7 +178,7 @@ async def test_both_workers_take_connections_and_one_killed_costs_only_its_own(s
         for ws in held[victim]:
             with pytest.raises(ConnectionClosed):
                 await recv(ws, timeout=30)
-        for i, ws in enumerate(held[survivor]):
+        for i, ws in enumerate(streaming):
             events = (await collect_until_terminal(ws, {f"s{i}"}))[f"s{i}"]
             assert events[-1]["type"] == "done"
             assert events[-1]["usage"]["completion_tokens"] == 60
