@@ -17,8 +17,11 @@ trip also pays for waking them (on a virtual machine, much of it in the kernel).
 * ``coredis Script, 1 stream``: the append script through coredis's :class:`~coredis.commands.Script`
   (``EVALSHA``), one log of one frame: what trioai used before it held a connection;
 * ``coredis pipeline of 1`` / ``of 16``: ``client.pipeline(transaction=False)`` with 1 or 16 PINGs;
-* ``held connection PING``: ``connection.create_request(b"PING")`` on a connection taken from the
-  pool once (``connection_pool.get_connection()``), the cheapest coredis path found;
+* ``coredis held connection PING``: ``connection.create_request(b"PING")`` on a connection taken
+  from the pool once (``connection_pool.get_connection()``), the cheapest coredis path found (its
+  reader and writer tasks each wake per request);
+* ``RedisConnection PING``: trioai's held connection (:mod:`trioai.redisconn`), where the caller
+  writes the command and reads its answer itself, with coredis's packer and parser;
 * ``RedisState.append_many, 1 log`` / ``16 logs``: trioai's append (the held connection, one EVALSHA
   per flush, the timeout and degraded-mode wrapper) with 1 frame per log;
 * ``SharedGenerations.append, 1 frame``: the same through the flusher task (one task hop each way);
@@ -47,11 +50,12 @@ from typing import TYPE_CHECKING, cast
 
 import coredis
 import trio
-from coredis.connection import BaseConnection
+from coredis.connection import BaseConnection, TCPLocation
 
 from bench.redisresume import redis_binary, redis_cli, redis_server
 from bench.run import row
 from trioai.config import Settings
+from trioai.redisconn import RedisConnection
 from trioai.redisstate import RedisState
 from trioai.sharedgen import SharedGenerations
 
@@ -134,6 +138,7 @@ async def main_async(args: argparse.Namespace) -> None:
             script = client.register_script(ONE_LOG_APPEND)
             connection = await client.connection_pool.get_connection()
             unix_connection = await unix_client.connection_pool.get_connection()
+            ours = await RedisConnection.open(TCPLocation("127.0.0.1", redis.port), seconds=1)
             sock, bare = await bare_socket(redis.port)
             assert redis.unix_socket is not None
             unix_sock, unix_bare = await bare_socket(redis.unix_socket)
@@ -148,6 +153,9 @@ async def main_async(args: argparse.Namespace) -> None:
             async def held_ping(connection: BaseConnection) -> None:
                 with trio.fail_after(1):
                     await connection.create_request(b"PING")
+
+            async def our_ping() -> None:
+                await ours.request(b"PING")
 
             async def script_call() -> None:
                 await script(keys=["{trioai}:log:s"], args=[30_000, 1000, next(seqs), "frame"])
@@ -165,12 +173,13 @@ async def main_async(args: argparse.Namespace) -> None:
                 ("coredis Script (EVALSHA), 1 log", 1, script_call),
                 ("coredis pipeline of 1 PING", 1, lambda: pipeline(1)),
                 ("coredis pipeline of 16 PINGs", 16, lambda: pipeline(16)),
-                ("held connection PING (create_request)", 1, lambda: held_ping(connection)),
+                ("coredis held connection PING (create_request)", 1, lambda: held_ping(connection)),
+                ("RedisConnection PING", 1, our_ping),
                 ("RedisState.append_many, 1 log", 1, lambda: append_many(1)),
                 ("RedisState.append_many, 16 logs", 16, lambda: append_many(16)),
                 ("SharedGenerations.append, 1 frame", 1, shared_append),
                 ("bare trio socket PING (reference)", 1, bare),
-                ("Unix socket: held connection PING", 1, lambda: held_ping(unix_connection)),
+                ("Unix socket: coredis held connection PING", 1, lambda: held_ping(unix_connection)),
                 ("Unix socket: RedisState.append_many, 1 log", 1, lambda: append_many(1, unix_state)),
                 ("Unix socket: bare trio socket PING (reference)", 1, unix_bare),
             ]
@@ -185,6 +194,7 @@ async def main_async(args: argparse.Namespace) -> None:
                     sleeps = (await measure(nothing, args.paced_calls, gap))[0]
                     paced.setdefault(name, []).append((await measure(once, args.paced_calls, gap))[0] - sleeps)
             sock.close()
+            ours.close()
             unix_sock.close()
             client.connection_pool.release(connection)
             unix_client.connection_pool.release(unix_connection)

@@ -3,10 +3,11 @@
 The client is coredis, which runs on Trio through AnyIO. Every primitive that reads and writes is
 one Lua script, so it is atomic, and uses Redis's clock (``TIME``), so instances need not agree on
 the time. The scripts (``EVALSHA``) and the plain reads and writes (``GET``, ``SET``, ``ZREM``) go
-as requests on one connection taken from coredis's pool and kept (``BaseConnection.create_request``);
-coredis's per-command path (a pool lease, a command object, telemetry and retry hooks: ~240 µs of CPU
-per script call against ~130 µs, ``bench.redisfloor``) is left to the blocking reads and ``PING``.
-Every log a flush appends to goes in one script call (``append_many``).
+as requests on one held connection (:class:`trioai.redisconn.RedisConnection`: the caller reads its
+own answer, with coredis's RESP, where a coredis connection wakes its reader and writer tasks per
+request); it goes where coredis's pool would connect, with the pool's credentials. coredis's
+per-command path (a pool lease, a command object, telemetry and retry hooks) is left to the blocking
+reads and ``PING``. Every log a flush appends to goes in one script call (``append_many``).
 
 Every key starts with the prefix as a Cluster hash tag (``{trioai}:log:…``), so on a Redis Cluster
 (``redis+cluster://``) all of one deployment's keys are in one hash slot, on one primary: a flush's
@@ -45,11 +46,13 @@ import anyio
 import coredis
 import coredis.exceptions
 import trio
-from coredis.connection import BaseConnection, ClusterConnection, TCPLocation
+from coredis.connection import Location, TCPLocation
 from coredis.pool import ClusterConnectionPool
+from coredis.pool._sentinel import SentinelConnectionPool
 from coredis.response.types import StreamEntry
 
 from .config import ConfigError
+from .redisconn import RedisConnection
 from .state import WINDOW, LogEntry, StateUnavailable, Take, check_seqs
 
 if TYPE_CHECKING:
@@ -81,12 +84,12 @@ class _Script:
         self.source = source
         self.sha = hashlib.sha1(source.encode()).hexdigest()
 
-    async def run(self, connection: BaseConnection, keys: Sequence[str], args: Sequence[str | int | float]) -> object:
-        """Its answer on ``connection``: one request, without a command object or pool lease per call."""
+    async def run(self, connection: RedisConnection, keys: Sequence[str], args: Sequence[str | int | float]) -> object:
+        """Its answer on ``connection``: one request."""
         try:
-            return await connection.create_request(b"EVALSHA", self.sha, len(keys), *keys, *args)
+            return await connection.request(b"EVALSHA", self.sha, len(keys), *keys, *args)
         except coredis.exceptions.NoScriptError:
-            return await connection.create_request(b"EVAL", self.source, len(keys), *keys, *args)  # caches it
+            return await connection.request(b"EVAL", self.source, len(keys), *keys, *args)  # caches it
 
 
 # -- Lua scripts: one round trip each, atomic; times in milliseconds from Redis's clock ------------
@@ -408,7 +411,7 @@ class RedisState:
         self._down_until = -math.inf
         self._probing = False
         self._logged_down = False
-        self._connection: BaseConnection | None = None  # the scripts' connection (see _held)
+        self._connection: RedisConnection | None = None  # the scripts' connection (see _held)
         self._node: ClusterNodeLocation | None = None  # on a Cluster: the primary it goes to
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -428,7 +431,7 @@ class RedisState:
                 log.warning("redis client at %s failed (%r); reopening", redact(self.url), _first_leaf(group))
             finally:
                 self._client = None
-                self._connection = None  # the client closed it
+                self._drop_held()
             await trio.sleep(self.retry_interval)
 
     # -- the degraded-mode wrapper --------------------------------------------------------------
@@ -462,6 +465,7 @@ class RedisState:
         except (trio.TooSlowError, coredis.exceptions.RedisError, OSError, anyio.ClosedResourceError,
                 anyio.BrokenResourceError) as exc:
             # The last two: the client's connection closed under the call (it is being reopened).
+            self._drop_held()
             if isinstance(client, coredis.RedisCluster):
                 self._redirected(client, exc)
             self._went_down(what, exc)
@@ -476,41 +480,49 @@ class RedisState:
             self._logged_down = True
         self.available = False
 
-    def _redirected(self, client: Client, exc: Exception) -> None:
+    def _redirected(self, client: coredis.RedisCluster[str], exc: Exception) -> None:
         """A call to a Cluster failed: the slot is elsewhere (``MOVED``: resharded), its primary is
-        down or failed over, or the connection broke. The held connection goes, and coredis hears of
-        the error (calls on the held connection bypass its own routing), so that it refreshes its
-        map of the cluster before the next call asks it for the slot's primary."""
+        down or failed over, or the connection broke. coredis hears of the error (calls on the held
+        connection bypass its own routing), so that it refreshes its map of the cluster before the
+        next call asks it for the slot's primary."""
+        client.connection_pool.cluster_layout.report_errors(self._node, exc)  # a MOVED names the new owner at once
+
+    def _drop_held(self) -> None:
+        """Close the held connection: any failed call may have left it to a server that is no longer
+        the one to write to (a Sentinel or Cluster failover), or broken."""
         connection, self._connection = self._connection, None
         if connection is not None:
-            _give_back(client, connection)
-        pool = client.connection_pool
-        if isinstance(pool, ClusterConnectionPool):
-            pool.cluster_layout.report_errors(self._node, exc)  # a MOVED names the new owner at once
+            connection.close()
 
-    async def _held(self, client: Client) -> BaseConnection:
-        """The connection scripts and plain commands go on: one taken from the pool and kept (another
-        when it fails).
+    async def _held(self, client: Client) -> RedisConnection:
+        """The connection scripts and plain commands go on: opened where the client's pool connects
+        (the Sentinel's primary, the Cluster's primary for the keys' one slot), with its credentials,
+        and kept until a call fails.
 
-        A request on it is one ``create_request``: no pool lease, command object, telemetry span or
-        retry policy per call. Requests of several tasks share it (answers come in order, one
-        abandoned by a timeout still takes its own); blocking reads go through the pool, never here.
+        Requests of several tasks share it, one at a time (see :mod:`trioai.redisconn`); blocking
+        reads go through the pool, never here.
         """
         connection = self._connection
         if connection is not None and connection.usable:
             return connection
+        self._connection = None
         pool = client.connection_pool
-        if connection is not None:
-            _give_back(client, connection)  # not usable: the pool drops it
-            self._connection = None
-        fresh: BaseConnection
-        if isinstance(pool, ClusterConnectionPool):  # the primary that owns the keys' one slot
+        location: Location
+        if isinstance(pool, ClusterConnectionPool):
             self._node = pool.cluster_layout.node_for_slot(self._slot)
-            fresh = await pool.get_connection(self._node)
+            location = self._node
+        elif isinstance(pool, SentinelConnectionPool):
+            location = await pool.get_primary_location()
+        elif pool.location is not None:
+            location = pool.location
         else:
-            fresh = await pool.get_connection()
-        if self._connection is not None:  # another call took one meanwhile: keep one
-            _give_back(client, fresh)
+            raise coredis.exceptions.ConnectionError("the client's pool has no server to connect to")
+        settings = pool.connection_kwargs
+        fresh = await RedisConnection.open(location, seconds=self.timeout, username=settings.get("username"),
+                                           password=settings.get("password"), db=settings.get("db"),
+                                           ssl_context=settings.get("ssl_context"))
+        if self._connection is not None:  # another call opened one meanwhile: keep one
+            fresh.close()
             return self._connection
         self._connection = fresh
         return fresh
@@ -526,7 +538,7 @@ class RedisState:
     async def _request(self, what: str, command: bytes, *args: str | bytes | int) -> object:
         """One plain command's answer (decoded text), on the held connection."""
         async def call(client: Client) -> object:
-            return await (await self._held(client)).create_request(command, *args)
+            return await (await self._held(client)).request(command, *args)
 
         return await self._call(what, call)
 
@@ -656,16 +668,6 @@ class RedisState:
     def _queue_keys(self, queue: str) -> list[str]:
         members = self._key("queue", queue)
         return [members, members + ":due", members + ":next"]
-
-
-def _give_back(client: Client, connection: BaseConnection) -> None:
-    """Return a connection to ``client``'s pool (which closes it if it is not usable)."""
-    pool = client.connection_pool
-    if isinstance(pool, ClusterConnectionPool):
-        assert isinstance(connection, ClusterConnection)
-        pool.release(connection)
-    else:
-        pool.release(connection)
 
 
 async def _ping(client: Client) -> object:
