@@ -339,3 +339,19 @@ async def test_a_frozen_redis_delays_requests_by_its_timeout_at_most(
     finally:
         redis_server.process.send_signal(signal.SIGCONT)
     assert fake.peak_active <= 2 and len(fake.requests) == 6
+
+
+async def test_one_renewal_round_is_one_state_call_per_256_slots() -> None:
+    now = [0.0]
+    state = LocalState(lambda: now[0])
+    cluster = Cluster(state, lease=3.0)
+    holders = [await cluster.acquire(f"p{i % 3}", 1000, print, print) for i in range(300)]
+    calls = cluster.calls
+    now[0] = 2.0
+    await cluster.renew_all()
+    assert cluster.calls - calls == 2 and cluster.lost == 0  # 256 + 44
+    now[0] = 4.5  # past the first lease, within the renewed one
+    assert sum([await state.slots_held(f"p{i}") for i in range(3)]) == 300
+    for i, holder in enumerate(holders):
+        assert holder is not None
+        await cluster.release(f"p{i % 3}", holder)

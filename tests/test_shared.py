@@ -434,3 +434,40 @@ async def test_one_stream_alone_is_never_held(nursery: trio.Nursery, autojump_cl
     start = trio.current_time()
     assert await shared.append(generation, tokens(1, 2))
     assert state.calls == [(start, 1)]
+
+
+class RenewCountingState(LocalState):
+    """In-process state that counts ``renew_claims`` calls (Redis round trips) and the claims in each."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.renewals: list[int] = []
+
+    async def renew_claims(self, claims: Any, owner: str, *, lease_ttl: float, record_ttl: float) -> Any:
+        self.renewals.append(len(claims))
+        return await super().renew_claims(claims, owner, lease_ttl=lease_ttl, record_ttl=record_ttl)
+
+
+async def test_a_heartbeat_renews_every_generation_in_one_round_trip_and_acts_on_each_answer(
+        nursery: trio.Nursery, autojump_clock: trio.testing.MockClock) -> None:
+    state = RenewCountingState()
+    shared = SharedGenerations(state, Settings(upstream="http://127.0.0.1:9/v1", lease_seconds=3), instance="A")
+    await nursery.start(shared.run)
+    cancels: dict[str, list[str]] = {}
+    request = ChatRequest("g", ({"role": "user", "content": "hi"},), 5, Sampling(), {}, resumable=True, model="m")
+    for name in ("kept", "cancelled", "taken", "forgotten"):
+        generation = cast(Generation, SimpleNamespace(token=name, request_id=name,
+                                                      cancel=cancels.setdefault(name, []).append))
+        assert await shared.register(generation, Record(name, None, "127.0.0.1", request))
+    key = {name: generation_key(name) for name in cancels}
+    await state.put_record(f"cancel:{key['cancelled']}", "1", 30)  # a client's cancel, on another instance
+    state._leases[f"gen:{key['taken']}"] = ("B", trio.current_time() + 30)  # another instance took it over
+    del state._records[f"gen:{key['forgotten']}"]  # the state forgot its record (a Redis restarted empty)
+    await trio.sleep(1.5)  # one heartbeat: every lease/3
+    assert state.renewals == [4]  # one round trip for the four
+    assert cancels == {"kept": [], "cancelled": ["cancel"], "taken": ["disconnect"], "forgotten": []}
+    assert set(shared.owned) == {key["kept"], key["cancelled"], key["forgotten"]}
+    assert Record.from_json(cast(str, await state.get_record(f"gen:{key['forgotten']}"))).request_id == "forgotten"
+    await trio.sleep(20)  # leases of 3 s outlive this only if every heartbeat renews them
+    assert [await state.lease_owner(f"gen:{key[name]}") for name in ("kept", "forgotten", "taken")] == ["A", "A", "B"]
+    assert state.renewals == [4] + [3] * 20  # every second (lease/3), one round trip each

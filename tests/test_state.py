@@ -19,7 +19,7 @@ import trio.testing
 
 from trioai.config import ConfigError, Settings
 from trioai.redisstate import RedisState, _cluster_parts, _sentinel_parts, check_redis, check_redis_url, redact
-from trioai.state import Buckets, LocalState, State, StateUnavailable, Take, make_state
+from trioai.state import Buckets, LocalState, Renewal, State, StateUnavailable, Take, make_state
 
 from .redisserver import RedisCluster, RedisSentinel, RedisServer, free_port
 
@@ -142,8 +142,8 @@ async def test_a_lease_has_one_owner(backend: Backend) -> None:
     assert not await state.acquire_lease("gen1", "B", ttl=30)
     assert await state.acquire_lease("gen1", "A", ttl=30)  # the owner may take it again
     assert await state.lease_owner("gen1") == "A"
-    assert await state.renew_lease("gen1", "A", ttl=30)
-    assert not await state.renew_lease("gen1", "B", ttl=30)
+    assert [r.held for r in await state.renew_claims([("gen1", "f")], "A", lease_ttl=30, record_ttl=30)] == [True]
+    assert [r.held for r in await state.renew_claims([("gen1", "f")], "B", lease_ttl=30, record_ttl=30)] == [False]
     assert await state.lease_owner("gen1") == "A"
 
 
@@ -152,13 +152,35 @@ async def test_the_lease_of_a_dead_owner_expires(backend: Backend) -> None:
     assert await state.acquire_lease("gen1", "dead", ttl=TTL)
     assert await state.acquire_lease("gen2", "alive", ttl=TTL)
     await backend.advance(ADVANCE / 2)
-    assert await state.renew_lease("gen2", "alive", ttl=30)  # the living owner heartbeats
+    await state.renew_claims([("gen2", "f")], "alive", lease_ttl=30, record_ttl=30)  # the living owner heartbeats
     await backend.advance(ADVANCE / 2)
     assert await state.lease_owner("gen1") is None
     assert await state.lease_owner("gen2") == "alive"
     assert await state.acquire_lease("gen1", "B", ttl=30)
-    assert not await state.renew_lease("gen1", "dead", ttl=30)  # too late: it is B's
+    [late] = await state.renew_claims([("gen1", "f")], "dead", lease_ttl=30, record_ttl=30)
+    assert not late.held  # too late: it is B's
     assert await state.lease_owner("gen1") == "B"
+
+
+async def test_renewing_claims_keeps_leases_and_records_and_reads_flags_in_one_step(backend: Backend) -> None:
+    state = backend.state
+    assert await state.claim("gen:a", "A", "record a", lease_ttl=TTL, record_ttl=TTL)
+    assert await state.claim("gen:b", "A", "record b", lease_ttl=TTL, record_ttl=30)
+    assert await state.claim("gen:other", "B", "record of B", lease_ttl=30, record_ttl=30)
+    await state.put_record("cancel:b", "1", 30)
+    await backend.advance(ADVANCE / 2)
+    claims = [("gen:a", "cancel:a"), ("gen:b", "cancel:b"), ("gen:other", "cancel:other"), ("gen:new", "cancel:new")]
+    assert await state.renew_claims(claims, "A", lease_ttl=30, record_ttl=30) == [
+        Renewal(held=True, record_gone=False, flagged=False),
+        Renewal(held=True, record_gone=False, flagged=True),
+        Renewal(held=False, record_gone=False, flagged=False),  # B's: nothing changed
+        Renewal(held=True, record_gone=True, flagged=False),  # free: taken; it has no record
+    ]
+    await backend.advance(ADVANCE / 2)  # past the first TTL: renewed leases and records outlived it
+    assert [await state.lease_owner(key) for key, _ in claims] == ["A", "A", "B", "A"]
+    assert await state.get_record("gen:a") == "record a"
+    assert await state.get_record("gen:other") == "record of B"
+    assert await state.renew_claims([], "A", lease_ttl=30, record_ttl=30) == []
 
 
 async def test_a_claim_takes_the_lease_and_stores_the_record_or_changes_nothing(backend: Backend) -> None:
@@ -331,8 +353,9 @@ async def test_slots_of_a_pool(backend: Backend) -> None:
     assert not await state.acquire_slot("e1", 2, "c", ttl=30)
     assert await state.acquire_slot("e2", 2, "c", ttl=30)  # another pool
     assert await state.slots_held("e1") == 2
-    assert await state.renew_slot("e1", "a", ttl=30)
-    assert not await state.renew_slot("e1", "c", ttl=30)
+    assert await state.renew_slots([("e1", "a"), ("e1", "c"), ("e2", "c"), ("e3", "a")], ttl=30) == [
+        True, False, True, False]
+    assert await state.renew_slots([], ttl=30) == []
     await state.release_slot("e1", "a")
     await state.release_slot("e1", "nobody")
     assert await state.slots_held("e1") == 1
@@ -345,10 +368,10 @@ async def test_the_slot_of_a_dead_holder_comes_back_within_its_lease(backend: Ba
     assert await state.acquire_slot("e1", 2, "alive", ttl=TTL)
     assert not await state.acquire_slot("e1", 2, "new", ttl=30)
     await backend.advance(ADVANCE / 2)
-    assert await state.renew_slot("e1", "alive", ttl=30)
+    assert await state.renew_slots([("e1", "alive")], ttl=30) == [True]
     await backend.advance(ADVANCE / 2)
     assert await state.slots_held("e1") == 1
-    assert not await state.renew_slot("e1", "dead", ttl=30)
+    assert await state.renew_slots([("e1", "dead")], ttl=30) == [False]
     assert await state.acquire_slot("e1", 2, "new", ttl=30)
 
 

@@ -40,7 +40,7 @@ from typing import Final
 import trio
 
 from .admission import REPORTED_POSITIONS, Admission
-from .state import State, StateUnavailable
+from .state import RENEW_BATCH, State, StateUnavailable
 
 log = logging.getLogger("trioai.cluster")
 
@@ -108,16 +108,21 @@ class Cluster:
             await self.renew_all()
 
     async def renew_all(self) -> None:
-        """One renewal round (a slot found expired is taken again if there is room)."""
-        for holder, pool in list(self.held.items()):
+        """One renewal round, :data:`RENEW_BATCH` slots per round trip (a slot found expired is
+        taken again, even past the capacity)."""
+        held = list(self.held.items())
+        for start in range(0, len(held), RENEW_BATCH):
+            batch = held[start:start + RENEW_BATCH]
             try:
                 self.calls += 1
-                if await self.state.renew_slot(pool, holder, self.lease) or holder not in self.held:
-                    continue
-                self.lost += 1
-                self.calls += 1
-                # Its request still runs on the engine: count it again, even past the capacity.
-                await self.state.acquire_slot(pool, 1 << 30, holder, self.lease)
+                renewed = await self.state.renew_slots([(pool, holder) for holder, pool in batch], self.lease)
+                for (holder, pool), kept in zip(batch, renewed, strict=True):
+                    if kept or holder not in self.held:
+                        continue
+                    self.lost += 1
+                    self.calls += 1
+                    # Its request still runs on the engine: count it again, even past the capacity.
+                    await self.state.acquire_slot(pool, 1 << 30, holder, self.lease)
             except StateUnavailable:
                 self.local_fallbacks += 1
                 return  # down: every call would fail at once; the next round tries again

@@ -53,7 +53,7 @@ from coredis.response.types import StreamEntry
 
 from .config import ConfigError
 from .redisconn import RedisConnection
-from .state import WINDOW, LogEntry, StateUnavailable, Take, check_seqs
+from .state import WINDOW, LogEntry, Renewal, StateUnavailable, Take, check_seqs
 
 if TYPE_CHECKING:
     from coredis.cluster._node import ClusterNodeLocation  # the Cluster layout's node type (not exported)
@@ -143,9 +143,23 @@ if cur and cur ~= ARGV[1] then return 0 end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 return 1
 """)
-_RENEW_LEASE: Final = _Script("""
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
-return 0
+# KEYS: per claim its lease, record and flag record. ARGV: owner, lease_ms, record_ms. Per claim:
+# 0 another owner holds it; else 1, + 2 if its record had expired, + 4 if its flag record exists.
+_RENEW_CLAIMS: Final = _Script("""
+local out = {}
+for i = 1, #KEYS, 3 do
+  local cur = redis.call('GET', KEYS[i])
+  if cur and cur ~= ARGV[1] then
+    out[#out + 1] = 0
+  else
+    redis.call('SET', KEYS[i], ARGV[1], 'PX', ARGV[2])
+    local answer = 1
+    if redis.call('PEXPIRE', KEYS[i + 1], ARGV[3]) == 0 then answer = answer + 2 end
+    if redis.call('EXISTS', KEYS[i + 2]) == 1 then answer = answer + 4 end
+    out[#out + 1] = answer
+  end
+end
+return out
 """)
 
 # KEYS: streams (every log of a flush: one call, not one per log). ARGV: ttl_ms, maxlen, then per stream
@@ -208,12 +222,21 @@ extend(KEYS[1], ttl)
 return 1
 """)
 # KEYS[1]: slots. ARGV: holder, ttl_ms.
-_RENEW_SLOT: Final = _Script(_HELPERS + """
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
-if not redis.call('ZSCORE', KEYS[1], ARGV[1]) then return 0 end
-redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
-extend(KEYS[1], tonumber(ARGV[2]))
-return 1
+# KEYS: per slot its pool's slots. ARGV: ttl_ms, then per slot its holder. Per slot: 1 renewed, 0 lost.
+_RENEW_SLOTS: Final = _Script(_HELPERS + """
+local ttl = tonumber(ARGV[1])
+local out = {}
+for i, key in ipairs(KEYS) do
+  redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
+  if redis.call('ZSCORE', key, ARGV[i + 1]) then
+    redis.call('ZADD', key, now + ttl, ARGV[i + 1])
+    extend(key, ttl)
+    out[i] = 1
+  else
+    out[i] = 0
+  end
+end
+return out
 """)
 _SLOTS_HELD: Final = _Script(_HELPERS + """
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
@@ -564,9 +587,17 @@ class RedisState:
         """See :meth:`trioai.state.State.acquire_lease`."""
         return await self._script(_ACQUIRE_LEASE, [self._key("lease", key)], [owner, _ms(ttl)]) == 1
 
-    async def renew_lease(self, key: str, owner: str, ttl: float) -> bool:
-        """See :meth:`trioai.state.State.renew_lease`."""
-        return await self._script(_RENEW_LEASE, [self._key("lease", key)], [owner, _ms(ttl)]) == 1
+    async def renew_claims(self, claims: Sequence[tuple[str, str]], owner: str, *, lease_ttl: float,
+                           record_ttl: float) -> list[Renewal]:
+        """See :meth:`trioai.state.State.renew_claims`: one script call."""
+        if not claims:
+            return []
+        keys: list[str] = []
+        for key, flag in claims:
+            keys += (self._key("lease", key), self._key("record", key), self._key("record", flag))
+        answers = await self._script(_RENEW_CLAIMS, keys, [owner, _ms(lease_ttl), _ms(record_ttl)], "renew_claims")
+        return [Renewal(held=bool(answer), record_gone=bool(int(answer) & 2), flagged=bool(int(answer) & 4))
+                for answer in cast(list[int], answers)]
 
     async def lease_owner(self, key: str) -> str | None:
         """See :meth:`trioai.state.State.lease_owner`."""
@@ -636,9 +667,13 @@ class RedisState:
         args: list[str | int | float] = [capacity, holder, _ms(ttl), 0 if queue is None else 1]
         return await self._script(_ACQUIRE_SLOT, keys, args) == 1
 
-    async def renew_slot(self, pool: str, holder: str, ttl: float) -> bool:
-        """See :meth:`trioai.state.State.renew_slot`."""
-        return await self._script(_RENEW_SLOT, [self._key("slots", pool)], [holder, _ms(ttl)]) == 1
+    async def renew_slots(self, slots: Sequence[tuple[str, str]], ttl: float) -> list[bool]:
+        """See :meth:`trioai.state.State.renew_slots`: one script call."""
+        if not slots:
+            return []
+        answers = await self._script(_RENEW_SLOTS, [self._key("slots", pool) for pool, _ in slots],
+                                     [_ms(ttl), *(holder for _, holder in slots)], "renew_slots")
+        return [answer == 1 for answer in cast(list[object], answers)]
 
     async def release_slot(self, pool: str, holder: str) -> None:
         """See :meth:`trioai.state.State.release_slot`."""

@@ -20,8 +20,8 @@ With shared state, every resumable ``/ws/chat`` generation is *shared*:
 Task tree (the service's nursery is opened by ``serve``)::
 
     SharedGenerations.run        the service's nursery
-    ├── _heartbeat               renews the leases of this instance's generations, refreshes their
-    │                            records, and cancels those a client cancelled elsewhere
+    ├── _heartbeat               renews the leases of this instance's generations (256 per round trip),
+    │                            refreshes their records, and cancels those a client cancelled elsewhere
     └── _relay × D               one per detached shared generation: appends its frames
 """
 
@@ -40,7 +40,7 @@ import trio
 
 from .outbox import CloseFrame, Outbox
 from .protocol import ChatRequest, RequestId, Sampling
-from .state import State, StateUnavailable
+from .state import RENEW_BATCH, Renewal, State, StateUnavailable
 
 if TYPE_CHECKING:
     from .config import Settings
@@ -302,26 +302,36 @@ class SharedGenerations:
             await self._covered.wait()
 
     async def _heartbeat(self) -> None:
+        """Every third of a lease, renew this instance's generations: :data:`RENEW_BATCH` of them per
+        round trip (lease, record expiry and cancel flag in one :meth:`State.renew_claims` call)."""
         interval = self.lease / 3
         while True:
             await trio.sleep(interval)
-            for key, generation in list(self.owned.items()):
+            keys = list(self.owned)
+            for start in range(0, len(keys), RENEW_BATCH):
+                batch = keys[start:start + RENEW_BATCH]
                 try:
-                    # Lost it (the state forgot, or we were cut off longer than a lease)? Take it back
-                    # if nobody else has; else another instance continues it.
-                    if (not await self.state.renew_lease(f"gen:{key}", self.instance, self.lease)
-                            and not await self.state.acquire_lease(f"gen:{key}", self.instance, self.lease)):
-                        log.warning("request id=%s: another instance took this generation over", generation.request_id)
-                        self.owned.pop(key, None)
-                        generation.cancel("disconnect")
-                        continue
-                    await self.state.put_record(f"gen:{key}", self._records[key], self.log_ttl)
-                    if await self.state.get_record(f"cancel:{key}") is not None:
-                        generation.cancel("cancel")
+                    renewals = await self.state.renew_claims([(f"gen:{key}", f"cancel:{key}") for key in batch],
+                                                             self.instance, lease_ttl=self.lease,
+                                                             record_ttl=self.log_ttl)
+                    for key, renewal in zip(batch, renewals, strict=True):
+                        await self._renewed(key, renewal)
                 except StateUnavailable:
                     break  # the state logs that it is away; the next round tries again
-                except KeyError:
-                    continue  # ended meanwhile
+
+    async def _renewed(self, key: str, renewal: Renewal) -> None:
+        generation = self.owned.get(key)
+        if generation is None:
+            return  # ended meanwhile
+        if not renewal.held:  # we were cut off longer than a lease, and another instance continues it
+            log.warning("request id=%s: another instance took this generation over", generation.request_id)
+            self.owned.pop(key, None)
+            generation.cancel("disconnect")
+            return
+        if renewal.record_gone and key in self._records:  # the state forgot it (a Redis restarted empty)
+            await self.state.put_record(f"gen:{key}", self._records[key], self.log_ttl)
+        if renewal.flagged:
+            generation.cancel("cancel")
 
     def relay(self, generation: Generation) -> None:
         """Append a detached generation's frames from now on (no connection sends them)."""

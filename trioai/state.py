@@ -34,6 +34,8 @@ if TYPE_CHECKING:
 WINDOW: Final = 60.0
 #: Buckets tracked in process before those that are full again are forgotten.
 MAX_LOCAL_BUCKETS: Final = 200_000
+#: Claims or slots one renewal call carries at most (a Redis script's run blocks the server meanwhile).
+RENEW_BATCH: Final = 256
 
 LogEntry = tuple[int, str]
 """One entry of an event log: its ``seq`` (from 1, increasing) and its frame."""
@@ -67,6 +69,15 @@ class Take:
     debit: float = 0.0
 
 
+@dataclass(frozen=True, slots=True)
+class Renewal:
+    """One key's answer from :meth:`State.renew_claims`."""
+
+    held: bool  # the owner holds the lease now (renewed, or taken back after it ran out); False: another does
+    record_gone: bool  # the key's record had expired (held only): the owner should store it again
+    flagged: bool  # the key's flag record exists (held only): e.g. a cancel asked on another instance
+
+
 class State(Protocol):
     """What the core needs from shared state (see the module docstring)."""
 
@@ -86,8 +97,12 @@ class State(Protocol):
         """Make ``owner`` hold ``key`` for ``ttl`` s unless another owner holds it (True if held now)."""
         ...
 
-    async def renew_lease(self, key: str, owner: str, ttl: float) -> bool:
-        """Extend ``owner``'s lease to ``ttl`` s from now; False if it no longer holds it."""
+    async def renew_claims(self, claims: Sequence[tuple[str, str]], owner: str, *, lease_ttl: float,
+                           record_ttl: float) -> list[Renewal]:
+        """For each ``(key, flag)`` of ``claims``, in one atomic step (one round trip): unless another
+        owner holds ``key``'s lease, ``owner`` holds it for ``lease_ttl`` s from now (taken back if it
+        had run out) and ``key``'s record expires ``record_ttl`` s from now; and whether the record
+        ``flag`` exists. Each key's answer, in order."""
         ...
 
     async def lease_owner(self, key: str) -> str | None:
@@ -138,8 +153,9 @@ class State(Protocol):
         """
         ...
 
-    async def renew_slot(self, pool: str, holder: str, ttl: float) -> bool:
-        """Extend ``holder``'s slot to ``ttl`` s from now; False if it lost it (expired)."""
+    async def renew_slots(self, slots: Sequence[tuple[str, str]], ttl: float) -> list[bool]:
+        """For each ``(pool, holder)`` of ``slots``, in one round trip: extend ``holder``'s slot of
+        ``pool`` to ``ttl`` s from now; False where it lost it (expired)."""
         ...
 
     async def release_slot(self, pool: str, holder: str) -> None:
@@ -277,14 +293,22 @@ class LocalState:
             self._leases = {k: v for k, v in self._leases.items() if v[1] > now}
         return True
 
-    async def renew_lease(self, key: str, owner: str, ttl: float) -> bool:
-        """See :meth:`State.renew_lease`."""
+    async def renew_claims(self, claims: Sequence[tuple[str, str]], owner: str, *, lease_ttl: float,
+                           record_ttl: float) -> list[Renewal]:
+        """See :meth:`State.renew_claims` (no checkpoint in between: atomic)."""
         now = self.clock()
-        held = self._leases.get(key)
-        if held is None or held[1] <= now or held[0] != owner:
-            return False
-        self._leases[key] = (owner, now + ttl)
-        return True
+        answers = []
+        for key, flag in claims:
+            if not await self.acquire_lease(key, owner, lease_ttl):
+                answers.append(Renewal(held=False, record_gone=False, flagged=False))
+                continue
+            record = self._records.get(key)
+            gone = record is None or record[1] <= now
+            if not gone:
+                assert record is not None
+                self._records[key] = (record[0], now + record_ttl)
+            answers.append(Renewal(held=True, record_gone=gone, flagged=await self.get_record(flag) is not None))
+        return answers
 
     async def lease_owner(self, key: str) -> str | None:
         """See :meth:`State.lease_owner`."""
@@ -401,14 +425,16 @@ class LocalState:
         slots[holder] = now + ttl
         return True
 
-    async def renew_slot(self, pool: str, holder: str, ttl: float) -> bool:
-        """See :meth:`State.renew_slot`."""
+    async def renew_slots(self, slots: Sequence[tuple[str, str]], ttl: float) -> list[bool]:
+        """See :meth:`State.renew_slots`."""
         now = self.clock()
-        slots = self._live(self._slots, pool, now)
-        if holder not in slots:
-            return False
-        slots[holder] = now + ttl
-        return True
+        renewed = []
+        for pool, holder in slots:
+            held = self._live(self._slots, pool, now)
+            if holder in held:
+                held[holder] = now + ttl
+            renewed.append(holder in held)
+        return renewed
 
     async def release_slot(self, pool: str, holder: str) -> None:
         """See :meth:`State.release_slot`."""
