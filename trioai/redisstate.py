@@ -47,8 +47,7 @@ import coredis
 import coredis.exceptions
 import trio
 from coredis.connection import Location, TCPLocation
-from coredis.pool import ClusterConnectionPool
-from coredis.pool._sentinel import SentinelConnectionPool
+from coredis.pool import ClusterConnectionPool, SentinelConnectionPool
 from coredis.response.types import StreamEntry
 
 from .config import ConfigError
@@ -221,7 +220,6 @@ redis.call('ZADD', KEYS[1], now + ttl, ARGV[2])
 extend(KEYS[1], ttl)
 return 1
 """)
-# KEYS[1]: slots. ARGV: holder, ttl_ms.
 # KEYS: per slot its pool's slots. ARGV: ttl_ms, then per slot its holder. Per slot: 1 renewed, 0 lost.
 _RENEW_SLOTS: Final = _Script(_HELPERS + """
 local ttl = tonumber(ARGV[1])
@@ -522,8 +520,8 @@ class RedisState:
         (the Sentinel's primary, the Cluster's primary for the keys' one slot), with its credentials,
         and kept until a call fails.
 
-        Requests of several tasks share it, one at a time (see :mod:`trioai.redisconn`); blocking
-        reads go through the pool, never here.
+        Requests of several tasks share it, pipelined (see :mod:`trioai.redisconn`); blocking reads
+        go through the pool, never here.
         """
         connection = self._connection
         if connection is not None and connection.usable:
