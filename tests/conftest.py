@@ -1,8 +1,10 @@
-"""Fixtures: a fake OpenAI-compatible engine and a trioai server in front of it, both on 127.0.0.1."""
+"""Fixtures: a fake OpenAI-compatible engine and a trioai server in front of it, both on 127.0.0.1, and a
+redis-server."""
 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -11,6 +13,16 @@ import trio
 from trioai.config import Settings
 from trioai.fake_upstream import FakeUpstream, Script
 from trioai.server import RunningServer, serve
+
+from .redisserver import RedisServer
+
+
+@pytest.fixture
+async def redis_server(nursery: trio.Nursery, tmp_path: Path) -> RedisServer:
+    """A redis-server of its own for the test (Debian's, on a free port), killed when the test ends."""
+    server = RedisServer(nursery, tmp_path)
+    await server.start()
+    return server
 
 
 @pytest.fixture

@@ -111,13 +111,6 @@ def slow(tokens: int, delay: float = 0.03) -> Any:
     return script
 
 
-@pytest.fixture
-async def redis_server(nursery: trio.Nursery, tmp_path: Path) -> RedisServer:
-    server = RedisServer(nursery, tmp_path)
-    await server.start()
-    return server
-
-
 async def engine(nursery: trio.Nursery, tokens: int, delay: float = 0.03) -> FakeUpstream:
     fake = FakeUpstream(slow(tokens, delay))
     await nursery.start(fake.serve)

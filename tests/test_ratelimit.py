@@ -3,8 +3,6 @@ falling back to local counting while Redis is away; and the rate_limited error o
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import trio
 import trio.testing
@@ -71,13 +69,6 @@ async def test_a_queued_debit_goes_with_the_next_request_without_run() -> None:
 
 
 # -- shared through a real Redis -----------------------------------------------------------------
-
-
-@pytest.fixture
-async def redis_server(nursery: trio.Nursery, tmp_path: Path) -> RedisServer:
-    server = RedisServer(nursery, tmp_path)
-    await server.start()
-    return server
 
 
 async def instance(nursery: trio.Nursery, url: str, rpm: int | None, tpm: int | None) -> RateLimiter:

@@ -4,8 +4,6 @@ several tasks at once, cancellation and timeouts, a lost server, passwords and d
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import coredis.exceptions
 import pytest
 import trio
@@ -16,13 +14,6 @@ from trioai.redisstate import RedisState
 from trioai.state import StateUnavailable
 
 from .redisserver import RedisServer
-
-
-@pytest.fixture
-async def redis_server(nursery: trio.Nursery, tmp_path: Path) -> RedisServer:
-    server = RedisServer(nursery, tmp_path)
-    await server.start()
-    return server
 
 
 async def connect(server: RedisServer, seconds: float = 2.0, **options: object) -> RedisConnection:

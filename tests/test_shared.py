@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import json
 import sys
-from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, cast
 
@@ -41,13 +40,6 @@ def numbered(start: int, stop: int) -> str:
 
 def slow_numbered(body: dict[str, Any]) -> Script:
     return Script(tokens=numbered_script(body).tokens, delay=0.03, finish_reason="length")
-
-
-@pytest.fixture
-async def redis_server(nursery: trio.Nursery, tmp_path: Path) -> RedisServer:
-    server = RedisServer(nursery, tmp_path)
-    await server.start()
-    return server
 
 
 @pytest.fixture

@@ -46,14 +46,6 @@ class Backend:
     advance: Callable[[float], Awaitable[None]]
 
 
-@pytest.fixture
-async def redis_server(nursery: trio.Nursery, tmp_path: Path) -> RedisServer:
-    """A redis-server of its own for the test, killed when the test ends."""
-    server = RedisServer(nursery, tmp_path)
-    await server.start()
-    return server
-
-
 async def started_redis_state(nursery: trio.Nursery, url: str, *, timeout: float = 2.0,
                               retry_interval: float = 1.0) -> RedisState:
     """A :class:`RedisState` for ``url`` whose client runs in ``nursery``."""
