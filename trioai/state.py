@@ -302,12 +302,11 @@ class LocalState:
             if not await self.acquire_lease(key, owner, lease_ttl):
                 answers.append(Renewal(held=False, record_gone=False, flagged=False))
                 continue
-            record = self._records.get(key)
-            gone = record is None or record[1] <= now
-            if not gone:
-                assert record is not None
-                self._records[key] = (record[0], now + record_ttl)
-            answers.append(Renewal(held=True, record_gone=gone, flagged=await self.get_record(flag) is not None))
+            value, expires = self._records.get(key, ("", -math.inf))
+            live = expires > now
+            if live:
+                self._records[key] = (value, now + record_ttl)
+            answers.append(Renewal(held=True, record_gone=not live, flagged=await self.get_record(flag) is not None))
         return answers
 
     async def lease_owner(self, key: str) -> str | None:
