@@ -186,7 +186,8 @@ class RedisCluster:
         """Move ``key``'s (empty) hash slot to the primary on ``port`` as a resharding does, and wait
         until every node agrees (10 s at most)."""
         slot = await self._cli(self.ports[0], "cluster", "keyslot", key)
-        source = await self.slot_owner(key)
+        source = await self._slot_owner_seen_by(self.ports[0], int(slot))
+        assert source is not None, f"no node holds slot {slot}"
         source_id, target_id = await self._cli(source, "cluster", "myid"), await self._cli(port, "cluster", "myid")
         await self._cli(port, "cluster", "setslot", slot, "importing", source_id)
         await self._cli(source, "cluster", "setslot", slot, "migrating", target_id)
